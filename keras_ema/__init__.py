@@ -1,0 +1,8 @@
+"""keras-ema: exponential moving averages of weights for Keras 3."""
+
+from keras_ema import schedules
+from keras_ema.optimizer import ExponentialMovingAverage
+
+__version__ = "0.1.0"
+
+__all__ = ["ExponentialMovingAverage", "schedules"]

@@ -1,0 +1,282 @@
+"""Decay schedules: the decay of each EMA update, as a function of `n`.
+
+A schedule is a small serializable object, `schedule(n) -> decay`, where `n`
+counts EMA updates after `start_step` (`n = 0` for the first one); it returns
+a float32 scalar tensor computed with `keras.ops`, so one compiled train step
+serves every `n`. `Constant(decay)` is `decay`; `Dynamic(max_decay)` is
+`min(max_decay, (1 + n) / (10 + n))`; `Warmup(max_decay, inv_gamma, power,
+min_decay)` is `clip(1 - (1 + n / inv_gamma) ** -power, min_decay, max_decay)`;
+`HalfLife(half_life)` is `0.5 ** (1 / half_life)`.
+"""
+
+import math
+import numbers
+
+import keras
+from keras import ops
+
+
+def _is_real(value):
+    # `bool` is a `numbers.Real`, but `decay=True` is a bug, not a decay.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _invalid(owner, name, value, expected, example):
+    return ValueError(
+        f"`{owner}` requires `{name}` to be {expected}. Received: "
+        f"{name}={value!r}. Instead, pass e.g. {name}={example}."
+    )
+
+
+def _check_decay(owner, name, value):
+    # NaN fails the comparison, so it is rejected too.
+    if not (_is_real(value) and 0.0 <= value <= 1.0):
+        raise _invalid(owner, name, value, "a real number in [0, 1]", "0.999")
+    return float(value)
+
+
+def _check_positive(owner, name, value, example):
+    if not (_is_real(value) and 0.0 < value < math.inf):
+        raise _invalid(owner, name, value, "a finite real number > 0", example)
+    return float(value)
+
+
+class DecaySchedule:
+    """Base class of decay schedules: `schedule(step) -> decay`.
+
+    `step` is `n`, the number of EMA updates after `start_step` before this
+    one: a Python int or an integer tensor. Subclasses implement `__call__`,
+    returning a float32 scalar tensor computed with `keras.ops` only (no
+    Python branching on `step`, so the decay changes inside a compiled train
+    step without retracing), and `get_config`, returning every constructor
+    argument. Register them so that saved models load again.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable(package="my_package")
+    class LinearRamp(keras_ema.schedules.DecaySchedule):
+        # Ramps the decay linearly from 0 to `max_decay` in `steps` updates.
+        def __init__(self, max_decay, steps):
+            self.max_decay = max_decay
+            self.steps = steps
+
+        def __call__(self, step):
+            n = keras.ops.cast(step, "float32")
+            return keras.ops.minimum(n / self.steps, self.max_decay)
+
+        def get_config(self):
+            return {"max_decay": self.max_decay, "steps": self.steps}
+    ```
+    """
+
+    def __call__(self, step):
+        raise NotImplementedError(
+            f"`{type(self).__name__}` must implement `__call__(self, step)`: "
+            "return the decay for EMA update `step` as a float32 scalar "
+            "tensor computed with `keras.ops`."
+        )
+
+    def get_config(self):
+        raise NotImplementedError(
+            f"`{type(self).__name__}` must implement `get_config(self)`: "
+            "return a dict of its constructor arguments so it can be saved."
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+@keras.saving.register_keras_serializable(package="keras_ema")
+class Constant(DecaySchedule):
+    """The same decay for every EMA update.
+
+    `decay_n = decay`: each update moves the average `1 - decay` of the way
+    to the weights, so it mostly reflects the last `1 / (1 - decay)` updates.
+
+    Args:
+        decay: float in [0, 1]. 0 keeps the average equal to the weights,
+            1 freezes it.
+
+    Example:
+
+    ```python
+    optimizer = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(0.1),
+        average_decay=keras_ema.schedules.Constant(0.999))
+    ```
+    """
+
+    def __init__(self, decay):
+        self.decay = _check_decay(type(self).__name__, "decay", decay)
+
+    def __call__(self, step):
+        return ops.convert_to_tensor(self.decay, "float32")
+
+    def get_config(self):
+        return {"decay": self.decay}
+
+
+@keras.saving.register_keras_serializable(package="keras_ema")
+class Dynamic(DecaySchedule):
+    """A decay that grows from 0.1 to `max_decay`, as TF1's `num_updates`.
+
+    `decay_n = min(max_decay, (1 + n) / (10 + n))`: 0.1, 2/11, 3/12, ...,
+    so the first, poor weights do not linger in the average; `max_decay` is
+    reached after about `9 / (1 - max_decay)` updates. It is the rule of
+    `tf.train.ExponentialMovingAverage(num_updates=...)` and Model Garden's
+    `dynamic_decay=True`.
+
+    Args:
+        max_decay: float in [0, 1], the decay once the ramp reaches it.
+
+    Example:
+
+    ```python
+    optimizer = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(0.1),
+        average_decay=keras_ema.schedules.Dynamic(0.999))
+    ```
+    """
+
+    def __init__(self, max_decay):
+        owner = type(self).__name__
+        self.max_decay = _check_decay(owner, "max_decay", max_decay)
+
+    def __call__(self, step):
+        n = ops.cast(step, "float32")
+        return ops.minimum((1.0 + n) / (10.0 + n), self.max_decay)
+
+    def get_config(self):
+        return {"max_decay": self.max_decay}
+
+
+@keras.saving.register_keras_serializable(package="keras_ema")
+class Warmup(DecaySchedule):
+    """The inverse-power warm-up of timm, diffusers and ema-pytorch.
+
+    `decay_n = clip(1 - (1 + n / inv_gamma) ** -power, min_decay, max_decay)`,
+    as timm's `ModelEmaV3(use_warmup=True)`, diffusers'
+    `EMAModel(use_ema_warmup=True)` and ema-pytorch's `EMA`, with their
+    defaults. At `n = 0` the decay is 0, so the first EMA update sets the
+    average to the weights, as in those libraries (they return 0 there even
+    when `min_decay > 0`; here `min_decay` bounds every `n`). With
+    `inv_gamma=1, power=1` the average is the plain mean of the weights seen.
+
+    Choosing `power` (with `inv_gamma=1`, the guidance of those libraries):
+    `power=2/3` for runs of a million updates or more (the decay reaches
+    0.999 at n = 31,622 and 0.9999 at n = 999,999); `power=3/4` for shorter
+    runs (0.999 at n = 9,999 and 0.9999 at n = 215,443).
+
+    Args:
+        max_decay: float in [0, 1], the upper bound of the decay.
+        inv_gamma: float > 0. The decay at `n` is the `inv_gamma=1` decay
+            at `n / inv_gamma`: larger values stretch the warm-up.
+        power: float > 0. Larger values reach `max_decay` sooner.
+        min_decay: float in [0, `max_decay`], the lower bound of the decay.
+
+    Example:
+
+    ```python
+    optimizer = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(0.1),
+        average_decay=keras_ema.schedules.Warmup(0.9999, power=3 / 4))
+    ```
+    """
+
+    def __init__(self, max_decay, inv_gamma=1.0, power=2 / 3, min_decay=0.0):
+        owner = type(self).__name__
+        self.max_decay = _check_decay(owner, "max_decay", max_decay)
+        self.inv_gamma = _check_positive(owner, "inv_gamma", inv_gamma, "1.0")
+        self.power = _check_positive(owner, "power", power, "2/3")
+        self.min_decay = _check_decay(owner, "min_decay", min_decay)
+        if self.min_decay > self.max_decay:
+            raise ValueError(
+                f"`{owner}` requires `min_decay <= max_decay`. Received: "
+                f"min_decay={min_decay!r}, max_decay={max_decay!r}. Instead, "
+                "lower `min_decay` (0.0 lets the warm-up start from 0)."
+            )
+
+    def __call__(self, step):
+        n = ops.cast(step, "float32")
+        decay = 1.0 - ops.power(1.0 + n / self.inv_gamma, -self.power)
+        return ops.clip(decay, self.min_decay, self.max_decay)
+
+    def get_config(self):
+        return {"max_decay": self.max_decay, "inv_gamma": self.inv_gamma,
+                "power": self.power, "min_decay": self.min_decay}
+
+
+@keras.saving.register_keras_serializable(package="keras_ema")
+class HalfLife(Constant):
+    """A constant decay given as the half-life of the average's memory.
+
+    `decay = 0.5 ** (1 / half_life)`: after `half_life` EMA updates, what the
+    average held before them makes up half of it. Easier to reason about
+    than a decay near 1 (`half_life=693` is about `decay=0.999`).
+
+    Args:
+        half_life: float > 0, in EMA updates (fractions allowed).
+
+    Example:
+
+    ```python
+    optimizer = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(0.1),
+        average_decay=keras_ema.schedules.HalfLife(1000))
+    ```
+    """
+
+    def __init__(self, half_life):
+        owner = type(self).__name__
+        self.half_life = _check_positive(owner, "half_life", half_life, "1000")
+        super().__init__(0.5 ** (1.0 / self.half_life))
+
+    def get_config(self):
+        return {"half_life": self.half_life}
+
+
+def serialize(schedule):
+    """Returns the JSON-safe config dict of `schedule`."""
+    return keras.saving.serialize_keras_object(schedule)
+
+
+def deserialize(config, custom_objects=None):
+    """Rebuilds a schedule from the output of `serialize`."""
+    return keras.saving.deserialize_keras_object(
+        config, custom_objects=custom_objects
+    )
+
+
+def get(identifier, dynamic=False):
+    """Turns what a user passes as `average_decay=` into a schedule.
+
+    Args:
+        identifier: a `DecaySchedule` (returned as is); a number in [0, 1]
+            (`Dynamic(identifier)` if `dynamic` else `Constant(identifier)`);
+            a config dict from `serialize`; or a function `f(step) -> decay`
+            (returned as is) that takes an integer tensor and returns a
+            float32 scalar computed with `keras.ops`.
+        dynamic: bool, only used when `identifier` is a number.
+    """
+    if isinstance(identifier, DecaySchedule):
+        return identifier
+    if _is_real(identifier):
+        return Dynamic(identifier) if dynamic else Constant(identifier)
+    if isinstance(identifier, dict):
+        return deserialize(identifier)
+    # A class is callable too, but `average_decay=Warmup` is a missing `()`.
+    if callable(identifier) and not isinstance(identifier, type):
+        return identifier
+    raise ValueError(
+        "Could not interpret `average_decay`: expected a number in [0, 1], "
+        "a `keras_ema.schedules.DecaySchedule` instance, its config dict, or "
+        f"a function `f(step) -> decay`. Received: {identifier!r} (of type "
+        f"{type(identifier).__name__}). Instead, pass e.g. 0.999 or "
+        "`keras_ema.schedules.Warmup(0.9999)`."
+    )
