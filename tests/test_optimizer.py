@@ -1,5 +1,6 @@
 """The contract of `ExponentialMovingAverage` (DESIGN.md, "Semantics")."""
 
+import inspect
 import json
 
 import keras
@@ -436,6 +437,36 @@ def test_loading_a_mismatched_optimizer_raises_instead_of_skipping(tmp_path):
         other.load_weights(tmp_path / "m.weights.h5")
 
 
+def test_training_while_the_averages_are_swapped_in_raises():
+    model, opt = _trained()
+    x, y = regression_data(16)
+    with opt.averaged_weights():
+        with pytest.raises(ValueError, match="cannot train while the averages"):
+            model.train_on_batch(x, y)
+
+
+def test_a_file_saved_inside_averaged_weights_loads_with_averages_swapped_in(
+    tmp_path,
+):
+    model, opt = _trained()
+    raw = [bits(v) for v in model.trainable_variables]
+    averages = [bits(opt.average(v)) for v in model.trainable_variables]
+    with opt.averaged_weights():
+        model.save(tmp_path / "ema.keras")
+    loaded = keras.models.load_model(tmp_path / "ema.keras")
+    # What was saved comes back: the model holds the averages.
+    for v, a in zip(loaded.trainable_variables, averages):
+        np.testing.assert_array_equal(bits(v), a)
+    assert loaded.optimizer.averages_swapped_in
+    x, y = regression_data(16)
+    with pytest.raises(ValueError, match=r"swap_weights\(\)"):
+        loaded.fit(x, y, verbose=0)
+    loaded.optimizer.swap_weights()
+    for v, r in zip(loaded.trainable_variables, raw):
+        np.testing.assert_array_equal(bits(v), r)
+    loaded.fit(x, y, verbose=0)
+
+
 # -- config ------------------------------------------------------------------
 
 
@@ -446,14 +477,15 @@ def test_config_is_json_safe_and_round_trips():
         average_decay=0.995,
         start_step=7,
         dynamic_decay=False,
+        update_every=3,
+        average_dtype="float64",
+        exclude=["bias$", "^embedding/"],
         name="ema",
     )
     config = opt.get_config()
     json.dumps(config)
-    assert set(config) == {
-        "name", "optimizer", "trainable_weights_only", "average_decay",
-        "start_step", "dynamic_decay",
-    }
+    arguments = inspect.signature(ExponentialMovingAverage).parameters
+    assert set(config) == set(arguments) - {"kwargs"}
     frozen = json.dumps(config, sort_keys=True)
     clone = ExponentialMovingAverage.from_config(config)
     assert json.dumps(config, sort_keys=True) == frozen  # not mutated
@@ -501,9 +533,9 @@ def test_optimizer_accepts_names_and_config_dicts():
         ({"average_decay": -0.1}, "average_decay"),
         ({"average_decay": float("nan")}, "average_decay"),
         ({"average_decay": True}, "average_decay"),
-        ({"start_step": -1}, "non-negative integer"),
-        ({"start_step": 2.5}, "non-negative integer"),
-        ({"start_step": True}, "non-negative integer"),
+        ({"start_step": -1}, "integer >= 0"),
+        ({"start_step": 2.5}, "integer >= 0"),
+        ({"start_step": True}, "integer >= 0"),
         ({"trainable_weights_only": "yes"}, "True or False"),
         ({"use_ema": True}, "wrapped `optimizer`"),
     ],

@@ -1,0 +1,106 @@
+"""The per-variable work of `ExponentialMovingAverage`.
+
+Each averaged model variable has an entry `(weight, average, backup)`. The
+average is float32 for float16/bfloat16 weights; such entries also keep a
+`backup` of the weight's dtype that holds the raw weight while the averages
+are swapped in, so that a swap never rounds the average. The functions below
+take one entry's variables (per device under `tf.distribute`) and are run
+for all entries by `for_each`.
+"""
+
+import keras
+from keras import ops
+
+
+class Averaged:
+    """Plain holder of the entries, not tracked by the optimizer.
+
+    Keras optimizers track every list assigned to one of their attributes, so
+    a list of model variables kept on the optimizer would turn the model's
+    weights into optimizer variables.
+    """
+
+    def __init__(self):
+        self.entries = []
+        self.index = {}
+        # Optimizer variables that `shadow_copy` adds after `build`: loading a
+        # `.keras` file rebuilds the optimizer without them.
+        self.extra = []
+        # Their saved values, read before the model variables were known.
+        self.pending = None
+
+
+def for_each(optimizer, entries, fn, *args):
+    """Calls `fn(average, weight, backup, *args)` for each entry.
+
+    On TensorFlow it runs once per device through the distribution strategy,
+    as Keras' own optimizers update their slots.
+    """
+    if keras.backend.backend() != "tensorflow":
+        for weight, average, backup in entries:
+            fn(average, weight, backup, *args)
+        return
+    import tensorflow as tf
+
+    def update(distribution, *args):
+        for weight, average, backup in entries:
+            distribution.extended.update(
+                average.value,
+                fn,
+                args=(weight.value, _value(backup), *args),
+                group=False,
+            )
+
+    strategy = optimizer._distribution_strategy
+    if tf.distribute.in_cross_replica_context():
+        update(strategy, *args)
+    else:
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update, strategy, *args
+        )
+
+
+def _value(variable):
+    return None if variable is None else variable.value
+
+
+def move(average, weight, backup, factor):
+    """`average -= factor * (average - weight)`, in the average's dtype."""
+    delta = ops.subtract(average, ops.cast(weight, average.dtype))
+    average.assign_sub(ops.multiply(ops.cast(factor, average.dtype), delta))
+
+
+def move_or_copy(average, weight, backup, factor, copying):
+    """`move`, or a real copy of the weight where `copying` is true."""
+    # `a - 1 * (a - w)` is not always `w`, so a copy is a real assignment.
+    weight = ops.cast(weight, average.dtype)
+    delta = ops.subtract(average, weight)
+    moved = ops.subtract(
+        average, ops.multiply(ops.cast(factor, average.dtype), delta)
+    )
+    average.assign(ops.where(copying, weight, moved))
+
+
+def swap(average, weight, backup, swapped_in):
+    """Exchanges weight and average exactly; `swapped_in` is the state before.
+
+    Never `a += b; b = a - b; a -= b`: that arithmetic loses bits. An
+    explicit copy, because on torch a same-dtype cast aliases storage.
+    """
+    raw = ops.copy(weight)
+    if backup is None:
+        weight.assign(average)
+        average.assign(raw)
+        return
+    # Casting the float32 average into the weight would round it: the average
+    # stays, and the raw weight waits in `backup` until the swap back.
+    going_in = ops.equal(swapped_in, 0)
+    weight.assign(
+        ops.where(going_in, ops.cast(average, weight.dtype), backup)
+    )
+    backup.assign(ops.where(going_in, raw, backup))
+
+
+def assign(average, weight, backup):
+    """Overwrites the weight with its average."""
+    weight.assign(ops.cast(average, weight.dtype))
