@@ -28,6 +28,8 @@ class Averaged:
         self.extra = []
         # Their saved values, read before the model variables were known.
         self.pending = None
+        # All saved values, read before the optimizer was built.
+        self.deferred = None
 
 
 def for_each(optimizer, entries, fn, *args):

@@ -136,6 +136,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             if self._should_average(variable):
                 self._add_average(variable)
         super().build(var_list)
+        if self._averaged.deferred is not None:
+            values, self._averaged.deferred = self._averaged.deferred, None
+            with _eager_scope():
+                self._restore(values)
 
     def shadow_copy(self, model):
         """Creates the averages of a model's weights, if not done yet.
@@ -265,21 +269,15 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 )
             self.build(trainable_variables)
         self._check_pending("train")
-        if self._swapped_in:
-            raise ValueError(
-                "ExponentialMovingAverage cannot train while the averages are "
-                "swapped into the model (after `swap_weights()`, or loaded "
-                "from a checkpoint saved that way). Instead, call "
-                "`optimizer.swap_weights()` to put the training weights back."
-            )
-        self._trained = True
-        # Did the inner optimizer really update? One rule covers gradient
-        # accumulation (its `iterations` counts real updates only) and an
-        # inner LossScaleOptimizer that skips a non-finite step.
-        before = ops.copy(self.inner_optimizer.iterations)
-        self.inner_optimizer.apply(grads, trainable_variables)
-        moved = ops.not_equal(self.inner_optimizer.iterations, before)
-        self._update_averages(moved)
+        with self._not_swapped_in():
+            self._trained = True
+            # Did the inner optimizer really update? One rule covers gradient
+            # accumulation (its `iterations` counts real updates only) and an
+            # inner LossScaleOptimizer that skips a non-finite step.
+            before = ops.copy(self.inner_optimizer.iterations)
+            self.inner_optimizer.apply(grads, trainable_variables)
+            moved = ops.not_equal(self.inner_optimizer.iterations, before)
+            self._update_averages(moved)
 
     def _update_averages(self, moved):
         step = ops.add(self._step, ops.cast(moved, self._step.dtype))
@@ -355,7 +353,9 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         try:
             yield
         finally:
-            self.swap_weights()
+            # Something inside the block may have swapped back already.
+            if self.averages_swapped_in:
+                self.swap_weights()
 
     def assign_average_vars(self, var_list):
         """Overwrites each variable of `var_list` with its average.
@@ -389,6 +389,30 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             for v in var_list
         ]
         _averages.for_each(self, entries, _averages.assign)
+
+    def _not_swapped_in(self):
+        """Context for the update: it fails, before anything moves, while
+        the averages are swapped in."""
+        message = (
+            "ExponentialMovingAverage cannot train while the averages are "
+            "swapped into the model (after `swap_weights()`, or loaded from a "
+            "checkpoint saved that way). Instead, call "
+            "`optimizer.swap_weights()` to put the training weights back."
+        )
+        if self._swapped_in:
+            raise ValueError(message)
+        if _executing_eagerly():
+            return contextlib.nullcontext()
+        # A compiled step is traced once but may run after any later swap:
+        # check the variable itself (one scalar op per step), and make every
+        # update of the step wait for that check.
+        import tensorflow as tf
+
+        swapped = self._swapped.value
+        check = tf.debugging.assert_equal(
+            swapped, tf.zeros_like(swapped), message=message
+        )
+        return tf.control_dependencies([check])
 
     def _check_pending(self, what):
         if self._averaged.pending is not None:
@@ -431,24 +455,31 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
     # -- saving ---------------------------------------------------------------
 
     def load_own_variables(self, store):
+        values = [store[str(i)][...] for i in range(len(store.keys()))]
+        if self.built:
+            self._restore(values)
+        else:
+            # Keras' own optimizers skip loading with a warning here; these
+            # values wait for `build` instead.
+            self._averaged.deferred = values
+
+    def _restore(self, values):
         variables = self.variables
-        saved = len(store.keys())
-        extra = saved - len(variables)
+        extra = len(values) - len(variables)
         if extra < 0 or (extra and self._averaged.extra):
             raise ValueError(
                 f"Cannot load the saved ExponentialMovingAverage: it holds "
-                f"{saved} variables where this one holds {len(variables)}. "
-                "Instead, load into an optimizer built for the same model, "
-                "with the same `trainable_weights_only` and `exclude`."
+                f"{len(values)} variables where this one holds "
+                f"{len(variables)}. Instead, load into an optimizer built for "
+                "the same model, with the same `trainable_weights_only` and "
+                "`exclude`."
             )
-        for i, variable in enumerate(variables):
-            variable.assign(store[str(i)])
+        for variable, value in zip(variables, values):
+            variable.assign(value)
         if extra:
             # Averages of non-trainable variables: the model variables they
             # belong to are unknown here; `shadow_copy(model)` attaches them.
-            self._averaged.pending = [
-                store[str(i)][...] for i in range(len(variables), saved)
-            ]
+            self._averaged.pending = values[len(variables):]
         self._swapped_in = bool(ops.convert_to_numpy(self._swapped))
 
     def get_config(self):
@@ -482,6 +513,34 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 config["average_decay"], custom_objects=custom_objects
             )
         return cls(**config)
+
+
+def find_in_model(model, user):
+    """The model's `ExponentialMovingAverage`, also when it is wrapped.
+
+    Under mixed_float16, `compile()` wraps it in a `LossScaleOptimizer`;
+    `user` names the caller in the error raised when there is none.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    found = optimizer
+    while found is not None and not isinstance(found, ExponentialMovingAverage):
+        found = getattr(found, "inner_optimizer", None)
+    if found is None:
+        raise ValueError(
+            f"{user} does not support a model whose optimizer keeps no "
+            f"averages. Received: optimizer={optimizer!r}. Instead, compile "
+            "the model with `keras_ema.ExponentialMovingAverage(optimizer)`."
+        )
+    return found
+
+
+def _eager_scope():
+    """Runs its block eagerly, also while a `tf.function` is being traced."""
+    if keras.backend.backend() != "tensorflow":
+        return contextlib.nullcontext()
+    import tensorflow as tf
+
+    return tf.init_scope()
 
 
 def _executing_eagerly():

@@ -197,6 +197,14 @@ def test_averaged_weights_swaps_back_when_the_block_raises():
     np.testing.assert_array_equal(bits(opt.average(w)), bits(other))
 
 
+def test_averaged_weights_does_not_swap_twice_when_the_block_swapped_back():
+    w, opt, other = _swap_setup()
+    with opt.averaged_weights():
+        opt.swap_weights()
+    np.testing.assert_array_equal(bits(w), bits(SPAN))
+    assert not opt.averages_swapped_in
+
+
 def test_averaged_weights_inside_a_swap_leaves_the_averages_in():
     w, opt, other = _swap_setup()
     opt.swap_weights()
@@ -445,6 +453,40 @@ def test_training_while_the_averages_are_swapped_in_raises():
             model.train_on_batch(x, y)
 
 
+def test_a_compiled_step_traced_before_a_swap_still_refuses_to_train():
+    w, opt = _scalar_setup()
+    step = tf.function(lambda: opt.apply(ONE, [w]))
+    step()  # traced while the raw weights are in
+    opt.swap_weights()
+    held = bits(w), bits(opt.average(w))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="swapped into"):
+        step()
+    # The refused step moved nothing.
+    np.testing.assert_array_equal(bits(w), held[0])
+    np.testing.assert_array_equal(bits(opt.average(w)), held[1])
+    opt.swap_weights()
+    step()
+    assert int(opt._step.numpy()) == 2
+
+
+# Keras warns that the unbuilt inner optimizer skips loading; the wrapper
+# restores its variables at build, which the test checks.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading")
+def test_loading_into_an_unbuilt_optimizer_restores_when_it_is_built(tmp_path):
+    model, opt = _trained()
+    model.save_weights(tmp_path / "m.weights.h5")
+    fresh = small_model()
+    fresh_opt = ExponentialMovingAverage(
+        keras.optimizers.Adam(1e-2), average_decay=0.9, start_step=1
+    )
+    fresh.compile(optimizer=fresh_opt, loss="mse")
+    fresh.build((None, 4))
+    assert not fresh_opt.built
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    fresh_opt.shadow_copy(fresh)  # builds, then restores what was loaded
+    _assert_same_averages(model, opt, fresh, fresh_opt)
+
+
 def test_a_file_saved_inside_averaged_weights_loads_with_averages_swapped_in(
     tmp_path,
 ):
@@ -572,6 +614,5 @@ def test_assign_average_vars_names_the_variables_without_average():
     model.compile(optimizer=opt, loss="mse")
     model.build((None, 4))
     opt.shadow_copy(model)
-    bn = model.get_layer(index=1)
     with pytest.raises(ValueError, match="moving_mean.*moving_variance"):
         opt.assign_average_vars(model.variables)

@@ -1,0 +1,53 @@
+"""`export_averaged`: a plain model file holding the averaged weights."""
+
+import os
+
+import keras
+
+from keras_ema.optimizer import find_in_model
+
+
+def export_averaged(model, filepath):
+    """Saves a plain copy of `model` that holds the averaged weights.
+
+    The copy has the model's architecture and the averages as its weights
+    (non-trainable variables included when they are averaged), and no
+    optimizer or compile state: `keras.models.load_model(filepath)` works
+    where keras_ema is not installed. Compile the loaded model to
+    `evaluate` or train it. `model`, its weights and its averages are left
+    as they were, also when saving fails.
+
+    Args:
+        model: A `keras.Model` compiled with an `ExponentialMovingAverage`
+            optimizer (also wrapped in a `LossScaleOptimizer`).
+        filepath: Path of the `.keras` file to write; an existing file is
+            overwritten.
+
+    Returns:
+        The plain copy, a `keras.Model` holding the averages.
+
+    Example:
+
+    ```python
+    keras_ema.export_averaged(model, "model_ema.keras")
+    # Elsewhere, without keras_ema:
+    model = keras.models.load_model("model_ema.keras")
+    ```
+    """
+    if not os.fspath(filepath).endswith(".keras"):
+        raise ValueError(
+            "export_averaged does not support the file type of "
+            f"filepath={filepath!r}. Instead, pass a path that ends in "
+            "`.keras`."
+        )
+    opt = find_in_model(model, "export_averaged")
+    config = keras.saving.serialize_keras_object(model)
+    # Compiling the copy would bring the keras_ema optimizer into the file.
+    config.pop("compile_config", None)
+    copy = keras.saving.deserialize_keras_object(
+        config, custom_objects={type(model).__name__: type(model)}
+    )
+    with opt.averaged_weights():
+        copy.set_weights(model.get_weights())
+    copy.save(filepath)
+    return copy
