@@ -89,7 +89,13 @@ def swap(average, weight, backup, swapped_in):
     Never `a += b; b = a - b; a -= b`: that arithmetic loses bits. An
     explicit copy, because on torch a same-dtype cast aliases storage.
     """
-    raw = ops.copy(weight)
+    raw = weight
+    if _is_deleted(weight):
+        # A compiled JAX step that failed consumed the buffer of the average
+        # swapped into the model: that average is lost, and restarts from
+        # the raw weight, which waits in the slot.
+        raw = average if backup is None else backup
+    raw = ops.copy(raw)
     if backup is None:
         weight.assign(average)
         average.assign(raw)
@@ -97,12 +103,18 @@ def swap(average, weight, backup, swapped_in):
     # Casting the float32 average into the weight would round it: the average
     # stays, and the raw weight waits in `backup` until the swap back.
     going_in = ops.equal(swapped_in, 0)
-    weight.assign(
-        ops.where(going_in, ops.cast(average, weight.dtype), backup)
-    )
-    backup.assign(ops.where(going_in, raw, backup))
+    held = ops.convert_to_tensor(backup)
+    weight.assign(ops.where(going_in, ops.cast(average, weight.dtype), held))
+    backup.assign(ops.where(going_in, raw, held))
 
 
 def assign(average, weight, backup):
     """Overwrites the weight with its average."""
-    weight.assign(ops.cast(average, weight.dtype))
+    # A copy: on JAX a same-dtype cast is the same array, and two variables
+    # sharing a buffer break the trainer's buffer donation.
+    weight.assign(ops.copy(ops.cast(average, weight.dtype)))
+
+
+def _is_deleted(variable):
+    value = getattr(variable, "value", None)
+    return bool(getattr(value, "is_deleted", lambda: False)())

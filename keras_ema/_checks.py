@@ -63,6 +63,16 @@ def check_float_dtype(dtype):
             f"dtype, one of {FLOATS}, or None. Received: "
             f"average_dtype={dtype!r}."
         )
+    if standard == "float64" and keras.backend.backend() == "jax":
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            raise ValueError(
+                "ExponentialMovingAverage does not support "
+                "`average_dtype='float64'` while JAX runs without 64-bit "
+                "floats: it would silently use float32. Instead, call "
+                "`jax.config.update('jax_enable_x64', True)` first."
+            )
     return standard
 
 

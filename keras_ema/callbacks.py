@@ -1,5 +1,7 @@
 """Callbacks that validate and checkpoint on the averaged weights."""
 
+import warnings
+
 import keras
 
 from keras_ema.optimizer import find_in_model
@@ -131,7 +133,10 @@ class SwapAverageWeights(keras.callbacks.Callback):
             quiet = {**kwargs, "callbacks": None, "verbose": 0}
             raw = evaluate(*args, **quiet)
         with opt.averaged_weights():
-            logs = evaluate(*args, **kwargs)
+            try:
+                logs = evaluate(*args, **kwargs)
+            finally:
+                _reattach(self.model)
         if raw is not None:
             logs.update({f"raw_{name}": value for name, value in raw.items()})
         return logs
@@ -165,6 +170,7 @@ class SwapAverageWeights(keras.callbacks.Callback):
             try:
                 return function(*args, **kwargs)
             except BaseException:
+                _reattach(self.model)
                 self._end_call()
                 raise
 
@@ -278,6 +284,25 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 "`fit`, so that validation runs on the averages, and monitor "
                 "a metric 'val_<name>', not 'val_raw_<name>'."
             )
+
+
+def _reattach(model):
+    """Gives the model's variables back their values after a JAX error.
+
+    While JAX's `evaluate` and `predict` run, the trainer keeps the model's
+    state outside its variables; one that raises leaves them empty, and the
+    swap back would fail.
+    """
+    if keras.backend.backend() != "jax":
+        return
+    model.jax_state_sync()
+    if any(v.value.is_deleted() for v in model.variables):
+        warnings.warn(
+            "keras-ema: a compiled JAX step failed while the averages were "
+            "swapped in, and consumed their buffers (Keras donates the state "
+            "to each step). The raw weights come back; the lost averages "
+            "restart from them."
+        )
 
 
 def _swap_in(opt):

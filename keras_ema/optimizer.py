@@ -2,6 +2,7 @@
 
 import contextlib
 import numbers
+import warnings
 
 import keras
 from keras import ops
@@ -10,6 +11,21 @@ from keras.src.utils import tracking
 from keras_ema import _averages
 from keras_ema import _checks
 from keras_ema import schedules
+
+_SWAPPED_IN = (
+    "ExponentialMovingAverage cannot train while the averages are swapped "
+    "into the model (after `swap_weights()`, or loaded from a checkpoint "
+    "saved that way). Instead, call `optimizer.swap_weights()` to put the "
+    "training weights back."
+)
+
+
+_PENDING = (
+    "the loaded optimizer holds {} saved averages of non-trainable variables "
+    "that are not attached to the model. Instead, call "
+    "`optimizer.shadow_copy(model)` once after loading."
+)
+
 
 @keras.saving.register_keras_serializable(package="keras_ema")
 class ExponentialMovingAverage(keras.optimizers.Optimizer):
@@ -188,6 +204,11 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         for variable in new:
             self._add_average(variable, pending, extra=True)
         self._averaged.pending = None
+        if self._averaged.extra and keras.backend.backend() == "jax":
+            from keras_ema import _jax
+
+            # Inside `fit` the optimizer never sees these variables' values.
+            _jax.install_train_step(model, self)
 
     @property
     def has_shadow_copy(self):
@@ -279,9 +300,32 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             moved = ops.not_equal(self.inner_optimizer.iterations, before)
             self._update_averages(moved)
 
-    def _update_averages(self, moved):
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        if keras.backend.backend() != "jax":
+            return super().stateless_apply(
+                optimizer_variables, grads, trainable_variables
+            )
+        # Nothing may raise here: JAX's `fit` has already taken the model's
+        # state out of its variables, and an exception would lose it. The
+        # compiled step refuses to train on swapped-in averages by itself.
+        if self._averaged.pending is not None:
+            warnings.warn(_PENDING.format(len(self._averaged.pending)))
+        self._trained = True
+        from keras_ema import _jax
+
+        return _jax.stateless_apply(
+            self, optimizer_variables, grads, trainable_variables
+        )
+
+    def _update_averages(self, moved, entries=None):
         step = ops.add(self._step, ops.cast(moved, self._step.dtype))
         self._step.assign(step)
+        self._move_averages(
+            self._averaged.entries if entries is None else entries, moved, step
+        )
+
+    def _move_averages(self, entries, moved, step):
+        """Moves the averages of `entries` for real-update count `step`."""
         since_start = ops.subtract(step, self.start_step)
         n = ops.maximum(ops.subtract(since_start, 1), 0)
         decay = ops.cast(self._schedule(n), "float32")
@@ -293,7 +337,6 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         # Branch-free: a step that must not move uses factor 0, which leaves
         # the average bit-exact, with no conditional per variable.
         factor = ops.multiply(ops.cast(averaging, "float32"), 1.0 - decay)
-        entries = self._averaged.entries
         if self.start_step == 0:
             _averages.for_each(self, entries, _averages.move, factor)
         else:
@@ -393,14 +436,8 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
     def _not_swapped_in(self):
         """Context for the update: it fails, before anything moves, while
         the averages are swapped in."""
-        message = (
-            "ExponentialMovingAverage cannot train while the averages are "
-            "swapped into the model (after `swap_weights()`, or loaded from a "
-            "checkpoint saved that way). Instead, call "
-            "`optimizer.swap_weights()` to put the training weights back."
-        )
         if self._swapped_in:
-            raise ValueError(message)
+            raise ValueError(_SWAPPED_IN)
         if _executing_eagerly():
             return contextlib.nullcontext()
         # A compiled step is traced once but may run after any later swap:
@@ -410,18 +447,15 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
 
         swapped = self._swapped.value
         check = tf.debugging.assert_equal(
-            swapped, tf.zeros_like(swapped), message=message
+            swapped, tf.zeros_like(swapped), message=_SWAPPED_IN
         )
         return tf.control_dependencies([check])
 
     def _check_pending(self, what):
         if self._averaged.pending is not None:
             raise ValueError(
-                f"`{what}` cannot run yet: the loaded optimizer holds "
-                f"{len(self._averaged.pending)} saved averages of "
-                "non-trainable variables that are not attached to the model. "
-                "Instead, call `optimizer.shadow_copy(model)` once after "
-                "loading."
+                f"`{what}` cannot run yet: "
+                + _PENDING.format(len(self._averaged.pending))
             )
 
     def _check_ready(self, what):

@@ -37,3 +37,55 @@ def bits(value):
     """The raw bits of a float array, so that -0.0 != 0.0 and NaNs compare."""
     value = np.asarray(keras.ops.convert_to_numpy(value))
     return value.view(f"uint{value.dtype.itemsize * 8}")
+
+
+BACKEND = keras.backend.backend()
+
+tensorflow_only = pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="TensorFlow API (tf.function, tf.train.Checkpoint, tf.errors); "
+    "the compiled steps of JAX and torch are covered through model.fit",
+)
+
+
+def tensor(value, dtype="float32"):
+    """A backend tensor: Keras' torch optimizers do not take numpy arrays."""
+    return keras.ops.convert_to_tensor(np.asarray(value, dtype), dtype)
+
+
+def numpy(value):
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def sync(model):
+    """Gives the model's variables their values inside a JAX `fit`.
+
+    JAX's trainer keeps the state outside the variables between batches and
+    attaches it at epoch ends, or when a callback asks, as this does.
+    """
+    if BACKEND == "jax":
+        model.jax_state_sync()
+
+
+def compiled_step(opt, grads, variables):
+    """One optimizer step the way each backend's `fit` runs it.
+
+    On JAX the trainer calls `stateless_apply` inside a compiled function;
+    elsewhere it calls `apply` (inside `tf.function` on TensorFlow).
+    """
+    if BACKEND != "jax":
+        opt.apply(grads, variables)
+        return
+    import jax
+
+    @jax.jit
+    def step(optimizer_values, grads, values):
+        return opt.stateless_apply(optimizer_values, grads, values)
+
+    values, optimizer_values = step(
+        [v.value for v in opt.variables], grads, [v.value for v in variables]
+    )
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+    for variable, value in zip(opt.variables, optimizer_values):
+        variable.assign(value)

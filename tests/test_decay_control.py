@@ -3,8 +3,15 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import bits, regression_data, small_model
+from conftest import BACKEND
+from conftest import bits
+from conftest import compiled_step
+from conftest import numpy
+from conftest import regression_data
+from conftest import small_model
+from conftest import sync
+from conftest import tensor
+from conftest import tensorflow_only
 
 from keras_ema import ExponentialMovingAverage
 from keras_ema import schedules
@@ -21,7 +28,7 @@ def _average(opt, variable):
     return np.asarray(keras.ops.convert_to_numpy(opt.average(variable)))
 
 
-ONE = [np.array([1.0], "float32")]
+ONE = [tensor([1.0])]
 
 
 # -- schedules ---------------------------------------------------------------
@@ -111,9 +118,12 @@ def test_update_every_matches_a_numpy_reference_in_fit():
     model.build((None, 4))
     kernel = model.trainable_variables[0]
     history = [kernel.numpy().copy()]
-    record = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda b, logs: history.append(kernel.numpy().copy())
-    )
+
+    def snapshot(batch, logs):
+        sync(model)
+        history.append(kernel.numpy().copy())
+
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=snapshot)
     model.fit(*regression_data(), batch_size=8, epochs=2, callbacks=[record],
               verbose=0)
     average = history[0].astype("float64")
@@ -131,7 +141,7 @@ def test_update_every_keeps_the_horizon_of_the_average(every):
     w, opt = _scalar(lr=0.0, average_decay=0.9, dynamic_decay=False,
                      update_every=every)
     w.assign([0.0])
-    zero = [np.zeros(1, "float32")]
+    zero = [tensor([0.0])]
     for _ in range(30):
         opt.apply(zero, [w])
     np.testing.assert_allclose(_average(opt, w), [0.9**30], rtol=1e-5)
@@ -171,13 +181,21 @@ def test_bfloat16_weights_get_float32_averages_that_track_the_exact_value():
     )
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+@pytest.mark.parametrize(
+    "compiled",
+    [False, pytest.param(True, marks=tensorflow_only)],
+    ids=["eager", "tf.function"],
+)
 def test_swapping_bfloat16_weights_keeps_every_bit_of_the_float32_average(
     compiled,
 ):
     w, opt = _held_bfloat16(0.999, 7)
     raw, average = bits(w), bits(opt.average(w))
-    swap = tf.function(opt.swap_weights) if compiled else opt.swap_weights
+    swap = opt.swap_weights
+    if compiled:
+        import tensorflow as tf
+
+        swap = tf.function(swap)
     swap()
     expected = keras.ops.cast(keras.ops.cast(opt.average(w), "bfloat16"), "float32")
     np.testing.assert_array_equal(
@@ -199,6 +217,9 @@ def test_assign_average_vars_casts_the_float32_average_to_bfloat16():
     )
 
 
+@pytest.mark.skipif(
+    BACKEND == "jax", reason="JAX runs without float64 unless jax_enable_x64"
+)
 def test_average_dtype_float64_keeps_float32_weights_exact_through_swaps():
     w, opt = _scalar(average_decay=0.5, dynamic_decay=False,
                      average_dtype="float64")
@@ -271,10 +292,11 @@ def test_averages_stay_when_an_outer_loss_scale_optimizer_skips_the_step():
     w = keras.Variable(np.array([1.0], "float32"))
     opt = ExponentialMovingAverage(keras.optimizers.SGD(0.1))
     outer = keras.optimizers.LossScaleOptimizer(opt)
-    outer.apply([np.array([np.nan], "float32")], [w])
+    outer.build([w])
+    compiled_step(outer, [tensor([np.nan])], [w])
     np.testing.assert_array_equal(w.numpy(), [1.0])
     np.testing.assert_array_equal(_average(opt, w), [1.0])
-    outer.apply([np.array([outer.dynamic_scale.numpy()], "float32")], [w])
+    compiled_step(outer, [tensor([numpy(outer.dynamic_scale)])], [w])
     np.testing.assert_allclose(w.numpy(), [0.9], rtol=1e-6)
     assert int(keras.ops.convert_to_numpy(opt._step)) == 1
 
@@ -320,3 +342,9 @@ def test_averages_are_taken_after_the_inner_optimizer_applies_constraints():
 def test_bad_decay_control_arguments_get_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExponentialMovingAverage("sgd", **kwargs)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's 64-bit mode only")
+def test_float64_averages_on_jax_without_x64_get_a_clear_error():
+    with pytest.raises(ValueError, match="jax_enable_x64"):
+        ExponentialMovingAverage("sgd", average_dtype="float64")
