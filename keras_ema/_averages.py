@@ -32,11 +32,14 @@ class Averaged:
         self.deferred = None
 
 
-def for_each(optimizer, entries, fn, *args):
+def for_each(optimizer, entries, fn, *args, when=None):
     """Calls `fn(average, weight, backup, *args)` for each entry.
 
     On TensorFlow it runs once per device through the distribution strategy,
-    as Keras' own optimizers update their slots.
+    as Keras' own optimizers update their slots, and, given a boolean `when`,
+    under one conditional, so that a step with nothing to do costs nothing.
+    Elsewhere `when` is ignored: the caller's arguments must make `fn` a
+    no-op where `when` is false.
     """
     if keras.backend.backend() != "tensorflow":
         for weight, average, backup in entries:
@@ -44,7 +47,7 @@ def for_each(optimizer, entries, fn, *args):
         return
     import tensorflow as tf
 
-    def update(distribution, *args):
+    def update_all(distribution, *args):
         for weight, average, backup in entries:
             distribution.extended.update(
                 average.value,
@@ -52,6 +55,15 @@ def for_each(optimizer, entries, fn, *args):
                 args=(weight.value, _value(backup), *args),
                 group=False,
             )
+
+    def update(distribution, *args):
+        if when is None:
+            update_all(distribution, *args)
+            return
+        # In cross-replica context, like LossScaleOptimizer's conditional;
+        # every replica computed the same `when`.
+        flag = distribution.experimental_local_results(when)[0]
+        tf.cond(flag, lambda: update_all(distribution, *args), lambda: None)
 
     strategy = optimizer._distribution_strategy
     if tf.distribute.in_cross_replica_context():

@@ -335,14 +335,21 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             due = ops.equal(ops.mod(since_start, self.update_every), 0)
             averaging = ops.logical_and(averaging, due)
         # Branch-free: a step that must not move uses factor 0, which leaves
-        # the average bit-exact, with no conditional per variable.
+        # the average bit-exact, with no conditional per variable. With
+        # `update_every`, most steps have nothing to do: on TensorFlow they
+        # skip the work under one conditional.
         factor = ops.multiply(ops.cast(averaging, "float32"), 1.0 - decay)
         if self.start_step == 0:
-            _averages.for_each(self, entries, _averages.move, factor)
+            when = averaging if self.update_every > 1 else None
+            _averages.for_each(self, entries, _averages.move, factor, when=when)
         else:
             copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
+            when = None
+            if self.update_every > 1:
+                when = ops.logical_or(averaging, copying)
             _averages.for_each(
-                self, entries, _averages.move_or_copy, factor, copying
+                self, entries, _averages.move_or_copy, factor, copying,
+                when=when,
             )
 
     # -- swapping -------------------------------------------------------------

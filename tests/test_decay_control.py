@@ -348,3 +348,16 @@ def test_bad_decay_control_arguments_get_clear_errors(kwargs, message):
 def test_float64_averages_on_jax_without_x64_get_a_clear_error():
     with pytest.raises(ValueError, match="jax_enable_x64"):
         ExponentialMovingAverage("sgd", average_dtype="float64")
+
+
+def test_update_every_with_start_step_copies_then_moves_every_k_updates():
+    # Copies at s = 1, 2; then EMA updates only where (s - 2) % 3 == 0:
+    # s = 5 with decay 0.5 ** 3: 3 - (1 - 0.125) * (3 - 10) = 9.125.
+    w, opt = _scalar(lr=0.0, average_decay=0.5, dynamic_decay=False,
+                     start_step=2, update_every=3)
+    zero = [tensor([0.0])]
+    expected = [2.0, 3.0, 3.0, 3.0, 9.125]
+    for value, average in zip([2.0, 3.0, 10.0, 10.0, 10.0], expected):
+        w.assign([value])
+        opt.apply(zero, [w])
+        np.testing.assert_allclose(_average(opt, w), [average], rtol=1e-6)
