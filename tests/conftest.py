@@ -89,3 +89,30 @@ def compiled_step(opt, grads, variables):
         variable.assign(value)
     for variable, value in zip(opt.variables, optimizer_values):
         variable.assign(value)
+
+
+def fit_recording_kernel(update_every=1):
+    """Fits a small model with the wrapper (SGD, decay 0.9), recording the
+    first kernel before training and after every batch.
+
+    Returns the optimizer, the kernel and the list of recorded values.
+    """
+    import keras_ema
+
+    model = small_model()
+    opt = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(0.05), average_decay=0.9, update_every=update_every
+    )
+    model.compile(optimizer=opt, loss="mse")
+    model.build((None, 4))
+    kernel = model.trainable_variables[0]
+    history = [kernel.numpy().copy()]
+
+    def record(batch, logs):
+        sync(model)
+        history.append(kernel.numpy().copy())
+
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=record)
+    model.fit(*regression_data(), batch_size=8, epochs=2, callbacks=[callback],
+              verbose=0)
+    return opt, kernel, history

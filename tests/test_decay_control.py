@@ -6,10 +6,10 @@ import pytest
 from conftest import BACKEND
 from conftest import bits
 from conftest import compiled_step
+from conftest import fit_recording_kernel
 from conftest import numpy
 from conftest import regression_data
 from conftest import small_model
-from conftest import sync
 from conftest import tensor
 from conftest import tensorflow_only
 
@@ -110,22 +110,7 @@ def test_every_schedule_round_trips_through_a_keras_file(schedule, tmp_path):
 
 
 def test_update_every_matches_a_numpy_reference_in_fit():
-    model = small_model()
-    opt = ExponentialMovingAverage(
-        keras.optimizers.SGD(0.05), average_decay=0.9, update_every=3
-    )
-    model.compile(optimizer=opt, loss="mse")
-    model.build((None, 4))
-    kernel = model.trainable_variables[0]
-    history = [kernel.numpy().copy()]
-
-    def snapshot(batch, logs):
-        sync(model)
-        history.append(kernel.numpy().copy())
-
-    record = keras.callbacks.LambdaCallback(on_train_batch_end=snapshot)
-    model.fit(*regression_data(), batch_size=8, epochs=2, callbacks=[record],
-              verbose=0)
+    opt, kernel, history = fit_recording_kernel(update_every=3)
     average = history[0].astype("float64")
     for s, weight in enumerate(history[1:], start=1):
         if s % 3 == 0:

@@ -9,10 +9,10 @@ import pytest
 from conftest import BACKEND
 from conftest import bits
 from conftest import compiled_step
+from conftest import fit_recording_kernel
 from conftest import numpy
 from conftest import regression_data
 from conftest import small_model
-from conftest import sync
 from conftest import tensor
 from conftest import tensorflow_only
 
@@ -119,21 +119,7 @@ def test_decay_is_computed_inside_the_compiled_step_not_frozen_at_trace():
 
 
 def test_fit_matches_a_numpy_reference_of_the_recorded_weights():
-    model = small_model()
-    opt = ExponentialMovingAverage(keras.optimizers.SGD(0.05), average_decay=0.9)
-    model.compile(optimizer=opt, loss="mse")
-    model.build((None, 4))
-    kernel = model.trainable_variables[0]
-    history = [kernel.numpy().copy()]
-
-    def snapshot(batch, logs):
-        sync(model)
-        history.append(kernel.numpy().copy())
-
-    record = keras.callbacks.LambdaCallback(on_train_batch_end=snapshot)
-    x, y = regression_data()
-    model.fit(x, y, batch_size=8, epochs=2, callbacks=[record], verbose=0)
-
+    opt, kernel, history = fit_recording_kernel()
     average = history[0].astype("float64")
     for n, weight in enumerate(history[1:]):
         decay = min(0.9, (1 + n) / (10 + n))
