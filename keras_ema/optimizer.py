@@ -19,6 +19,12 @@ _SWAPPED_IN = (
     "training weights back."
 )
 
+_ASSIGN_SWAPPED = (
+    "`assign_average_vars` does not support being called while the averages "
+    "are swapped in: the model already holds them. Instead, call it after "
+    "swapping back."
+)
+
 
 _PENDING = (
     "the loaded optimizer holds {} saved averages of non-trainable variables "
@@ -171,6 +177,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         Args:
             model: The `keras.Model` (or layer) whose weights to average.
         """
+        with self._strategy_scope():
+            self._shadow_copy(model)
+
+    def _shadow_copy(self, model):
         if not self.built:
             self.build(model.trainable_variables)
         candidates = (
@@ -244,8 +254,13 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             value = variable if saved is None else next(saved)
 
             def initializer(shape, dtype, value=value):
-                # An explicit copy: on torch a same-dtype cast aliases storage.
-                return ops.copy(ops.cast(value, dtype))
+                # Read eagerly: an initial value computed from a variable
+                # inside a traced step (a lazy build in `fit`) cannot be
+                # lifted out of an XLA-compiled function.
+                with _eager_scope():
+                    # An explicit copy: on torch a same-dtype cast aliases
+                    # storage.
+                    return ops.copy(ops.cast(value, dtype))
 
             with self._colocate_with(variable):
                 slots.append(self.add_variable(
@@ -267,6 +282,21 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         return self._distribution_strategy.extended.colocate_vars_with(
             variable.value
         )
+
+    def _strategy_scope(self):
+        """The distribution strategy's scope, unless already in one.
+
+        `shadow_copy` runs where the user calls it (after `compile()`), or in
+        `SwapAverageWeights.on_train_begin`: outside the scope, where TF
+        would create plain, unmirrored variables or refuse to colocate.
+        """
+        if keras.backend.backend() != "tensorflow":
+            return contextlib.nullcontext()
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy():
+            return contextlib.nullcontext()
+        return self._distribution_strategy.scope()
 
     @property
     def variables(self):
@@ -368,8 +398,9 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         )
         self._swapped.assign(ops.subtract(1, swapped))
         if _executing_eagerly():
-            # Traced, this line would run once per trace, not once per swap.
-            self._swapped_in = not self._swapped_in
+            # Traced, this line would run once per trace, not once per swap;
+            # an eager `strategy.run` runs it once per replica: set, not flip.
+            self._swapped_in = not bool(ops.convert_to_numpy(swapped))
 
     @property
     def averages_swapped_in(self):
@@ -418,12 +449,8 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 `model.trainable_variables`.
         """
         self._check_ready("assign_average_vars")
-        if self.averages_swapped_in:
-            raise ValueError(
-                "`assign_average_vars` does not support being called while "
-                "the averages are swapped in: the model already holds them. "
-                "Instead, call it after swapping back."
-            )
+        if _executing_eagerly() and self.averages_swapped_in:
+            raise ValueError(_ASSIGN_SWAPPED)
         var_list = list(var_list)
         missing = [v for v in var_list if self.average(v) is None]
         if missing:
@@ -438,13 +465,14 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             self._averaged.entries[self._averaged.index[self._var_key(v)]]
             for v in var_list
         ]
-        _averages.for_each(self, entries, _averages.assign)
+        with self._not_swapped_in(_ASSIGN_SWAPPED):
+            _averages.for_each(self, entries, _averages.assign)
 
-    def _not_swapped_in(self):
+    def _not_swapped_in(self, message=_SWAPPED_IN):
         """Context for the update: it fails, before anything moves, while
         the averages are swapped in."""
         if self._swapped_in:
-            raise ValueError(_SWAPPED_IN)
+            raise ValueError(message)
         if _executing_eagerly():
             return contextlib.nullcontext()
         # A compiled step is traced once but may run after any later swap:
@@ -454,7 +482,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
 
         swapped = self._swapped.value
         check = tf.debugging.assert_equal(
-            swapped, tf.zeros_like(swapped), message=_SWAPPED_IN
+            swapped, tf.zeros_like(swapped), message=message
         )
         return tf.control_dependencies([check])
 

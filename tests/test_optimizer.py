@@ -129,6 +129,22 @@ def test_fit_matches_a_numpy_reference_of_the_recorded_weights():
     assert np.abs(_average(opt, kernel) - kernel.numpy()).max() > 1e-3
 
 
+@tensorflow_only
+def test_fit_compiled_with_xla_builds_the_averages_inside_the_step():
+    # XLA cannot lift an initial value read from a weight inside the traced
+    # step, where `fit` builds the optimizer lazily; the averages read it
+    # eagerly.
+    model = small_model()
+    opt = ExponentialMovingAverage(keras.optimizers.SGD(0.05), average_decay=0.5,
+                                   dynamic_decay=False)
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    x, y = regression_data(8)
+    model.fit(x, y, batch_size=8, verbose=0)  # one step, built inside it
+    kernel = model.trainable_variables[0]
+    assert int(opt._step.numpy()) == 1
+    assert not np.array_equal(_average(opt, kernel), kernel.numpy())
+
+
 # -- real updates only -------------------------------------------------------
 
 
