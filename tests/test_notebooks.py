@@ -1,0 +1,72 @@
+"""The example notebooks: committed clean, and every cell runs."""
+
+import pathlib
+import sys
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = ["quickstart.ipynb", "decay_schedules.ipynb"]
+
+
+class _ThisInterpreter(KernelSpecManager):
+    """Starts every kernel with the interpreter running the tests.
+
+    The installed `python3` kernel spec runs whatever `python` is first on
+    the PATH, which need not be the virtual environment under test.
+    """
+
+    def get_kernel_spec(self, kernel_name):
+        return KernelSpec(
+            argv=[sys.executable, "-m", "ipykernel_launcher",
+                  "-f", "{connection_file}"],
+            display_name="Python 3 (tests)",
+            language="python",
+        )
+
+
+def test_every_notebook_is_tested():
+    assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(
+        NOTEBOOKS
+    )
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_without_outputs(name):
+    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert code
+    for cell in code:
+        assert cell.outputs == [], cell.source
+        assert cell.execution_count is None, cell.source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_every_cell_without_error(name, tmp_path):
+    before = sorted(NOTEBOOK_DIR.iterdir())
+    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    client = NotebookClient(
+        notebook,
+        km=KernelManager(
+            kernel_name="python3", kernel_spec_manager=_ThisInterpreter()
+        ),
+        timeout=300,
+        # The kernel's working directory: the notebook's files go there.
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    assert sorted(NOTEBOOK_DIR.iterdir()) == before
+    if name == "quickstart.ipynb":
+        assert (tmp_path / "digits_ema.keras").is_file()
+        assert (tmp_path / "digits_ema_plain.keras").is_file()
