@@ -11,18 +11,20 @@ ones (`stateless_apply`). Two things need care there:
   the same compiled step.
 - An exception inside the compiled step would lose the model's weights (the
   trainer donates their buffers), so a step run while the averages are
-  swapped in changes nothing and prints a warning instead of raising.
+  swapped in changes nothing instead of raising; a warning is given when
+  such a step is compiled.
 """
 
-import jax
+import warnings
+
 import keras
 from keras import ops
 from keras.src.backend import StatelessScope
 
 _WARNING = (
-    "keras-ema: this train step changed nothing, because the averages are "
-    "swapped into the model. Call `optimizer.swap_weights()` to put the "
-    "training weights back before training."
+    "keras-ema: the averages are swapped into the model, so the train steps "
+    "change nothing until `optimizer.swap_weights()` puts the training "
+    "weights back."
 )
 
 
@@ -31,17 +33,28 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
     # An outer LossScaleOptimizer passes variables, read through its scope.
     optimizer_variables = [_read(v) for v in optimizer_variables]
     trainable_variables = [_read(v) for v in trainable_variables]
-    swapped = _value(optimizer, optimizer.variables, optimizer_variables,
-                     optimizer._swapped)
+    swapped = ops.not_equal(
+        _value(optimizer, optimizer.variables, optimizer_variables,
+               optimizer._swapped),
+        0,
+    )
+    new_trainable, new_values = _train(
+        optimizer, optimizer_variables, grads, trainable_variables
+    )
+    # A select, not a conditional around the step: XLA fuses it into the
+    # update kernels, where a conditional (or a printing callback) would
+    # cost a multiple of the step. The warning is given once, when the step
+    # is compiled while the averages are known to be swapped in.
+    if optimizer._swapped_in:
+        warnings.warn(_WARNING, stacklevel=2)
 
-    def refuse():
-        jax.debug.print(_WARNING)
-        return trainable_variables, optimizer_variables
+    def keep_if_swapped(old, new):
+        return [ops.where(swapped, o, n) for o, n in zip(old, new)]
 
-    def train():
-        return _train(optimizer, optimizer_variables, grads, trainable_variables)
-
-    return ops.cond(ops.not_equal(swapped, 0), refuse, train)
+    return (
+        keep_if_swapped(trainable_variables, new_trainable),
+        keep_if_swapped(optimizer_variables, new_values),
+    )
 
 
 def _train(optimizer, optimizer_variables, grads, trainable_variables):
