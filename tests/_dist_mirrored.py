@@ -272,6 +272,20 @@ def fit_start_step_update_every():
     return facts
 
 
+def round_trip_facts(model, opt, swap):
+    """Swaps in and back with `swap`: what each side held, on every replica."""
+    raw = snapshot(model, opt)
+    swap()
+    facts = swap_facts(raw, snapshot(model, opt), model, opt)
+    swap()
+    back = snapshot(model, opt)
+    facts["back_bit_for_bit"] = equal(back["w"], raw["w"]) and equal(
+        back["a"], raw["a"]
+    )
+    facts["swapped_in_after_back"] = opt.averages_swapped_in
+    return facts
+
+
 def swap_cross_replica():
     """Eagerly, eagerly inside the scope, and in a `tf.function`."""
     model, opt = make()
@@ -283,18 +297,8 @@ def swap_cross_replica():
         "tf_function": tf.function(opt.swap_weights),
     }
     for mode, swap in swaps.items():
-        raw = snapshot(model, opt)
-        scope = in_scope(mode == "eager_in_scope")
-        with scope:
-            swap()
-            swapped = snapshot(model, opt)
-            facts[mode] = swap_facts(raw, swapped, model, opt)
-            swap()
-        back = snapshot(model, opt)
-        facts[mode]["back_bit_for_bit"] = equal(back["w"], raw["w"]) and equal(
-            back["a"], raw["a"]
-        )
-        facts[mode]["swapped_in_after_back"] = opt.averages_swapped_in
+        with in_scope(mode == "eager_in_scope"):
+            facts[mode] = round_trip_facts(model, opt, swap)
     return facts
 
 
@@ -308,15 +312,7 @@ def swap_in_replica_context():
         "tf_function": traced,
         "eager": lambda: STRATEGY.run(opt.swap_weights),
     }.items():
-        raw = snapshot(model, opt)
-        swap()
-        facts[mode] = swap_facts(raw, snapshot(model, opt), model, opt)
-        swap()
-        back = snapshot(model, opt)
-        facts[mode]["back_bit_for_bit"] = equal(back["w"], raw["w"]) and equal(
-            back["a"], raw["a"]
-        )
-        facts[mode]["swapped_in_after_back"] = opt.averages_swapped_in
+        facts[mode] = round_trip_facts(model, opt, swap)
     return facts
 
 
