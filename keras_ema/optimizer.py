@@ -10,6 +10,7 @@ from keras.src.utils import tracking
 
 from keras_ema import _averages
 from keras_ema import _checks
+from keras_ema import _tf
 from keras_ema import schedules
 
 _SWAPPED_IN = (
@@ -160,7 +161,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         super().build(var_list)
         if self._averaged.deferred is not None:
             values, self._averaged.deferred = self._averaged.deferred, None
-            with _eager_scope():
+            with _tf.eager_scope():
                 self._restore(values)
 
     def shadow_copy(self, model):
@@ -177,7 +178,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         Args:
             model: The `keras.Model` (or layer) whose weights to average.
         """
-        with self._strategy_scope():
+        with _tf.strategy_scope(self):
             self._shadow_copy(model)
 
     def _shadow_copy(self, model):
@@ -257,12 +258,12 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 # Read eagerly: an initial value computed from a variable
                 # inside a traced step (a lazy build in `fit`) cannot be
                 # lifted out of an XLA-compiled function.
-                with _eager_scope():
+                with _tf.eager_scope():
                     # An explicit copy: on torch a same-dtype cast aliases
                     # storage.
                     return ops.copy(ops.cast(value, dtype))
 
-            with self._colocate_with(variable):
+            with _tf.colocate_with(self, variable):
                 slots.append(self.add_variable(
                     shape=variable.shape,
                     initializer=initializer,
@@ -275,28 +276,6 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         averaged.entries.append((variable, slots[0], (slots + [None])[1]))
         if extra:
             averaged.extra.extend(slots)
-
-    def _colocate_with(self, variable):
-        if keras.backend.backend() != "tensorflow":
-            return contextlib.nullcontext()
-        return self._distribution_strategy.extended.colocate_vars_with(
-            variable.value
-        )
-
-    def _strategy_scope(self):
-        """The distribution strategy's scope, unless already in one.
-
-        `shadow_copy` runs where the user calls it (after `compile()`), or in
-        `SwapAverageWeights.on_train_begin`: outside the scope, where TF
-        would create plain, unmirrored variables or refuse to colocate.
-        """
-        if keras.backend.backend() != "tensorflow":
-            return contextlib.nullcontext()
-        import tensorflow as tf
-
-        if tf.distribute.has_strategy():
-            return contextlib.nullcontext()
-        return self._distribution_strategy.scope()
 
     @property
     def variables(self):
@@ -397,7 +376,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             self, self._averaged.entries, _averages.swap, swapped
         )
         self._swapped.assign(ops.subtract(1, swapped))
-        if _executing_eagerly():
+        if _tf.executing_eagerly():
             # Traced, this line would run once per trace, not once per swap;
             # an eager `strategy.run` runs it once per replica: set, not flip.
             self._swapped_in = not bool(ops.convert_to_numpy(swapped))
@@ -449,7 +428,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 `model.trainable_variables`.
         """
         self._check_ready("assign_average_vars")
-        if _executing_eagerly() and self.averages_swapped_in:
+        if _tf.executing_eagerly() and self.averages_swapped_in:
             raise ValueError(_ASSIGN_SWAPPED)
         var_list = list(var_list)
         missing = [v for v in var_list if self.average(v) is None]
@@ -469,22 +448,11 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             _averages.for_each(self, entries, _averages.assign)
 
     def _not_swapped_in(self, message=_SWAPPED_IN):
-        """Context for the update: it fails, before anything moves, while
-        the averages are swapped in."""
+        """Context for an update: it fails, before anything moves, while the
+        averages are swapped in."""
         if self._swapped_in:
             raise ValueError(message)
-        if _executing_eagerly():
-            return contextlib.nullcontext()
-        # A compiled step is traced once but may run after any later swap:
-        # check the variable itself (one scalar op per step), and make every
-        # update of the step wait for that check.
-        import tensorflow as tf
-
-        swapped = self._swapped.value
-        check = tf.debugging.assert_equal(
-            swapped, tf.zeros_like(swapped), message=message
-        )
-        return tf.control_dependencies([check])
+        return _tf.check_zero(self._swapped, message)
 
     def _check_pending(self, what):
         if self._averaged.pending is not None:
@@ -601,23 +569,6 @@ def find_in_model(model, user):
             "the model with `keras_ema.ExponentialMovingAverage(optimizer)`."
         )
     return found
-
-
-def _eager_scope():
-    """Runs its block eagerly, also while a `tf.function` is being traced."""
-    if keras.backend.backend() != "tensorflow":
-        return contextlib.nullcontext()
-    import tensorflow as tf
-
-    return tf.init_scope()
-
-
-def _executing_eagerly():
-    if keras.backend.backend() != "tensorflow":
-        return True
-    import tensorflow as tf
-
-    return tf.executing_eagerly()
 
 
 def _paths(variables):

@@ -1,0 +1,66 @@
+"""The TensorFlow seams of `ExponentialMovingAverage`.
+
+Under `tf.distribute` the averages must be created in the strategy's scope and
+colocated with their weights, and a compiled `tf.function` step runs long
+after it was traced. Each function here is a no-op on the other backends.
+"""
+
+import contextlib
+
+import keras
+
+
+def _tensorflow():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf
+
+
+def colocate_with(optimizer, variable):
+    """Creates the variables of the block on `variable`'s devices."""
+    if _tensorflow() is None:
+        return contextlib.nullcontext()
+    return optimizer._distribution_strategy.extended.colocate_vars_with(
+        variable.value
+    )
+
+
+def strategy_scope(optimizer):
+    """The optimizer's distribution strategy scope, unless already in one.
+
+    `shadow_copy` runs where the user calls it (after `compile()`), or in
+    `SwapAverageWeights.on_train_begin`: outside the scope, where TF would
+    create plain, unmirrored variables or refuse to colocate.
+    """
+    tf = _tensorflow()
+    if tf is None or tf.distribute.has_strategy():
+        return contextlib.nullcontext()
+    return optimizer._distribution_strategy.scope()
+
+
+def eager_scope():
+    """Runs its block eagerly, also while a `tf.function` is being traced."""
+    tf = _tensorflow()
+    return contextlib.nullcontext() if tf is None else tf.init_scope()
+
+
+def executing_eagerly():
+    tf = _tensorflow()
+    return True if tf is None else tf.executing_eagerly()
+
+
+def check_zero(flag, message):
+    """In a traced step: the block's ops run only once `flag` is checked 0.
+
+    A compiled step is traced once but may run after any later swap, so the
+    variable itself is checked (one scalar op per step), and every update of
+    the step waits for that check. Eagerly, nothing to do here.
+    """
+    if executing_eagerly():
+        return contextlib.nullcontext()
+    tf = _tensorflow()
+    value = flag.value
+    check = tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)
+    return tf.control_dependencies([check])
