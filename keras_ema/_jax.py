@@ -72,8 +72,7 @@ def _train(optimizer, optimizer_variables, grads, trainable_variables):
     with StatelessScope(state_mapping=list(zip(inner.variables, new_inner))):
         moved = ops.not_equal(inner.iterations, before)
 
-    trainable = {id(v) for v in optimizer._trainable_variables}
-    entries = [e for e in optimizer._averaged.entries if id(e[0]) in trainable]
+    entries = _entries(optimizer, built=True)
     values = optimizer_variables[:own] + new_inner + optimizer_variables[
         own + len(inner.variables) :
     ]
@@ -110,8 +109,7 @@ def install_train_step(model, optimizer):
 
 def _move_model_averages(optimizer, model, trainable, non_trainable, before,
                          values):
-    built = {id(v) for v in optimizer._trainable_variables}
-    entries = [e for e in optimizer._averaged.entries if id(e[0]) not in built]
+    entries = _entries(optimizer, built=False)
     variables = optimizer.variables
     # The step counter moved iff the optimizer made a real update.
     step = _value(optimizer, variables, values, optimizer._step)
@@ -126,6 +124,13 @@ def _move_model_averages(optimizer, model, trainable, non_trainable, before,
     with StatelessScope(state_mapping=mapping) as scope:
         optimizer._move_averages(entries, moved, step)
     return [scope.get_current_value(v) for v in variables]
+
+
+def _entries(optimizer, built):
+    """The entries of the variables the optimizer was built with (the
+    trainable weights, which its stateless step sees), or of the others."""
+    ids = {id(v) for v in optimizer._trainable_variables}
+    return [e for e in optimizer._averaged.entries if (id(e[0]) in ids) == built]
 
 
 def _read(value):

@@ -348,18 +348,13 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         # `update_every`, most steps have nothing to do: on TensorFlow they
         # skip the work under one conditional.
         factor = ops.multiply(ops.cast(averaging, "float32"), 1.0 - decay)
-        if self.start_step == 0:
-            when = averaging if self.update_every > 1 else None
-            _averages.for_each(self, entries, _averages.move, factor, when=when)
-        else:
+        fn, args, busy = _averages.move, (factor,), averaging
+        if self.start_step:
             copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
-            when = None
-            if self.update_every > 1:
-                when = ops.logical_or(averaging, copying)
-            _averages.for_each(
-                self, entries, _averages.move_or_copy, factor, copying,
-                when=when,
-            )
+            fn, args = _averages.move_or_copy, (factor, copying)
+            busy = ops.logical_or(averaging, copying)
+        when = busy if self.update_every > 1 else None
+        _averages.for_each(self, entries, fn, *args, when=when)
 
     # -- swapping -------------------------------------------------------------
 
