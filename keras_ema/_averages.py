@@ -37,11 +37,22 @@ def for_each(optimizer, entries, fn, *args, when=None):
 
     On TensorFlow it runs once per device through the distribution strategy,
     as Keras' own optimizers update their slots, and, given a boolean `when`,
-    under one conditional, so that a step with nothing to do costs nothing.
-    Elsewhere `when` is ignored: the caller's arguments must make `fn` a
-    no-op where `when` is false.
+    under one conditional, so that a step with nothing to do costs nothing;
+    on torch, which runs eagerly, it is read and the step skipped. On JAX
+    `when` is ignored (XLA's conditional copies the buffers it passes
+    through, which costs more than the update it skips): the caller's
+    arguments must make `fn` a no-op where `when` is false.
     """
-    if keras.backend.backend() != "tensorflow":
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from keras_ema import _torch
+
+        if not _torch.due(when):
+            return
+        if fn is move:
+            _torch.move_all(entries, *args, move)
+            return
+    if backend != "tensorflow":
         for weight, average, backup in entries:
             fn(average, weight, backup, *args)
         return
@@ -81,7 +92,17 @@ def _value(variable):
 def move(average, weight, backup, factor):
     """`average -= factor * (average - weight)`, in the average's dtype."""
     delta = ops.subtract(average, ops.cast(weight, average.dtype))
-    average.assign_sub(ops.multiply(ops.cast(factor, average.dtype), delta))
+    factor = ops.cast(factor, average.dtype)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # One in-place kernel instead of a multiply and an assignment: with
+        # thousands of small variables the step costs per op, not per byte.
+        tf.raw_ops.ResourceApplyGradientDescent(
+            var=average.handle, alpha=factor, delta=delta
+        )
+        return
+    average.assign_sub(ops.multiply(factor, delta))
 
 
 def move_or_copy(average, weight, backup, factor, copying):

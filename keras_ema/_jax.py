@@ -17,6 +17,7 @@ ones (`stateless_apply`). Two things need care there:
 
 import warnings
 
+import jax
 import keras
 from keras import ops
 from keras.src.backend import StatelessScope
@@ -38,9 +39,6 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
                optimizer._swapped),
         0,
     )
-    new_trainable, new_values = _train(
-        optimizer, optimizer_variables, grads, trainable_variables
-    )
     # A select, not a conditional around the step: XLA fuses it into the
     # update kernels, where a conditional (or a printing callback) would
     # cost a multiple of the step. The warning is given once, when the step
@@ -51,13 +49,6 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
     def keep_if_swapped(old, new):
         return [ops.where(swapped, o, n) for o, n in zip(old, new)]
 
-    return (
-        keep_if_swapped(trainable_variables, new_trainable),
-        keep_if_swapped(optimizer_variables, new_values),
-    )
-
-
-def _train(optimizer, optimizer_variables, grads, trainable_variables):
     inner = optimizer.inner_optimizer
     variables = optimizer.variables
     own = len(variables) - len(inner.variables) - len(optimizer._averaged.extra)
@@ -69,10 +60,15 @@ def _train(optimizer, optimizer_variables, grads, trainable_variables):
     new_trainable, new_inner = inner.stateless_apply(
         inner_values, grads, trainable_variables
     )
+    new_trainable = keep_if_swapped(trainable_variables, new_trainable)
+    # The averages read the new weights from memory. Without the barrier
+    # XLA recomputes each new weight inside the average's kernel, which then
+    # needs the old weight too: a copy of every weight per step, 2x-4x the
+    # cost of the average itself.
+    new_trainable = jax.lax.optimization_barrier(new_trainable)
     with StatelessScope(state_mapping=list(zip(inner.variables, new_inner))):
         moved = ops.not_equal(inner.iterations, before)
 
-    entries = _entries(optimizer, built=True)
     values = optimizer_variables[:own] + new_inner + optimizer_variables[
         own + len(inner.variables) :
     ]
@@ -80,8 +76,9 @@ def _train(optimizer, optimizer_variables, grads, trainable_variables):
         zip(optimizer._trainable_variables, new_trainable)
     )
     with StatelessScope(state_mapping=mapping) as scope:
-        optimizer._update_averages(moved, entries)
-    return new_trainable, [scope.get_current_value(v) for v in variables]
+        optimizer._update_averages(moved, _entries(optimizer, built=True))
+    new_values = [scope.get_current_value(v) for v in variables]
+    return new_trainable, keep_if_swapped(optimizer_variables, new_values)
 
 
 def install_train_step(model, optimizer):
