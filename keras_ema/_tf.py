@@ -51,6 +51,24 @@ def executing_eagerly():
     return True if tf is None else tf.executing_eagerly()
 
 
+def gate(flag, message, values):
+    """In a traced step: `values`, released only once `flag` is checked 0.
+
+    A compiled step is traced once but may run after any later swap. Gating
+    what the optimizer consumes, rather than making every op of its update
+    wait on the check, keeps the step's order: each weight still updates as
+    soon as its gradient is ready, instead of every gradient of the step
+    being held in memory until the check has run. Eagerly, `values`.
+    """
+    if executing_eagerly():
+        return values
+    tf = _tensorflow()
+    value = flag.value
+    check = tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)
+    with tf.control_dependencies([check]):
+        return [None if v is None else tf.identity(v) for v in values]
+
+
 def check_zero(flag, message):
     """In a traced step: the block's ops run only once `flag` is checked 0.
 

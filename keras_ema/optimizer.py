@@ -250,18 +250,22 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         return [dtype] if dtype == weight_dtype else [dtype, weight_dtype]
 
     def _add_average(self, variable, saved=None, extra=False):
+        # Created eagerly, also when `fit` builds the optimizer while tracing
+        # its step: a variable created in the trace keeps its initial value
+        # alive as a captured input of the step (a second copy of the
+        # weights, for as long as the model lives), and cannot be lifted out
+        # of an XLA-compiled step at all.
+        with _tf.eager_scope():
+            self._add_average_eagerly(variable, saved, extra)
+
+    def _add_average_eagerly(self, variable, saved, extra):
         slots = []
         for dtype, suffix in zip(self._slots(variable), ("average", "raw")):
             value = variable if saved is None else next(saved)
 
             def initializer(shape, dtype, value=value):
-                # Read eagerly: an initial value computed from a variable
-                # inside a traced step (a lazy build in `fit`) cannot be
-                # lifted out of an XLA-compiled function.
-                with _tf.eager_scope():
-                    # An explicit copy: on torch a same-dtype cast aliases
-                    # storage.
-                    return ops.copy(ops.cast(value, dtype))
+                # An explicit copy: on torch a same-dtype cast aliases storage.
+                return ops.copy(ops.cast(value, dtype))
 
             with _tf.colocate_with(self, variable):
                 slots.append(self.add_variable(
@@ -299,15 +303,22 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 )
             self.build(trainable_variables)
         self._check_pending("train")
-        with self._not_swapped_in():
-            self._trained = True
-            # Did the inner optimizer really update? One rule covers gradient
-            # accumulation (its `iterations` counts real updates only) and an
-            # inner LossScaleOptimizer that skips a non-finite step.
-            before = ops.copy(self.inner_optimizer.iterations)
-            self.inner_optimizer.apply(grads, trainable_variables)
-            moved = ops.not_equal(self.inner_optimizer.iterations, before)
-            self._update_averages(moved)
+        if self._swapped_in:
+            raise ValueError(_SWAPPED_IN)
+        self._trained = True
+        # A compiled step refuses too, before anything moves: everything
+        # that moves waits for the gradients or, as the inner optimizer's
+        # `iterations` increment does, for this read of `iterations`.
+        before, *grads = _tf.gate(
+            self._swapped, _SWAPPED_IN, [self.inner_optimizer.iterations, *grads]
+        )
+        # Did the inner optimizer really update? One rule covers gradient
+        # accumulation (its `iterations` counts real updates only) and an
+        # inner LossScaleOptimizer that skips a non-finite step.
+        before = ops.copy(before)
+        self.inner_optimizer.apply(grads, trainable_variables)
+        moved = ops.not_equal(self.inner_optimizer.iterations, before)
+        self._update_averages(moved)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if keras.backend.backend() != "jax":
