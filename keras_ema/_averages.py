@@ -30,6 +30,8 @@ class Averaged:
         self.pending = None
         # All saved values, read before the optimizer was built.
         self.deferred = None
+        # On torch: the entries grouped for the multi-tensor kernels.
+        self.torch_groups = None
 
 
 def for_each(optimizer, entries, fn, *args, when=None):
@@ -50,7 +52,7 @@ def for_each(optimizer, entries, fn, *args, when=None):
         if not _torch.due(when):
             return
         if fn is move:
-            _torch.move_all(entries, *args, move)
+            _torch.move_all(optimizer._averaged, entries, *args, move)
             return
     if backend != "tensorflow":
         for weight, average, backup in entries:

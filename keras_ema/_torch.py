@@ -8,6 +8,7 @@ with the same arithmetic as `_averages.move`, bit for bit.
 """
 
 import torch
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 # Elements per group: bounds the temporary `average - weight` of one group.
 _GROUP_SIZE = 1 << 22
@@ -22,30 +23,53 @@ def due(when):
     return when is None or bool(when)
 
 
-def move_all(entries, factor, move):
-    """`average -= factor * (average - weight)` for every entry."""
-    groups = {}
-    for weight, average, backup in entries:
-        if backup is not None or average.dtype != weight.dtype:
+def move_all(averaged, entries, factor, move):
+    """`average -= factor * (average - weight)` for every entry.
+
+    `averaged` (the optimizer's `Averaged` holder) keeps the grouping, made
+    once: per step only the kernels run, on the variables' own tensors.
+    """
+    if in_stateless_scope():
+        # The values live in the scope, not in the variables' tensors.
+        for weight, average, backup in entries:
             move(average, weight, backup, factor)
-            continue
-        groups.setdefault(str(average.dtype), []).append((weight, average))
+        return
+    plan = averaged.torch_groups
+    if plan is None or plan[0] is not entries or plan[1] != len(entries):
+        plan = averaged.torch_groups = (entries, len(entries), _groups(entries))
+    singles, groups = plan[2]
+    for weight, average, backup in singles:
+        move(average, weight, backup, factor)
     with torch.no_grad():
-        for dtype, pairs in groups.items():
-            for chunk in _chunks(pairs):
-                averages = [a.value for _, a in chunk]
-                deltas = torch._foreach_sub(averages, [w.value for w, _ in chunk])
-                torch._foreach_mul_(deltas, factor.to(averages[0].dtype))
-                torch._foreach_sub_(averages, deltas)
+        for weights, averages in groups:
+            # `_value`: the tensor itself, which `assign` updates in place.
+            averages = [a._value for a in averages]
+            deltas = torch._foreach_sub(averages, [w._value for w in weights])
+            torch._foreach_mul_(deltas, factor.to(averages[0].dtype))
+            torch._foreach_sub_(averages, deltas)
 
 
-def _chunks(pairs):
-    chunk, size = [], 0
-    for weight, average in pairs:
-        if chunk and size + average.value.numel() > _GROUP_SIZE:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append((weight, average))
-        size += average.value.numel()
-    if chunk:
-        yield chunk
+def _groups(entries):
+    """Entries with a backup or another dtype than their weight, alone; the
+    others as `(weights, averages)` groups of one dtype and device, and of
+    bounded size."""
+    singles, by_kind = [], {}
+    for entry in entries:
+        weight, average, backup = entry
+        if backup is not None or average.dtype != weight.dtype:
+            singles.append(entry)
+        else:
+            key = (average.dtype, average._value.device)
+            by_kind.setdefault(key, []).append((weight, average))
+    groups = []
+    for pairs in by_kind.values():
+        weights, averages, size = [], [], 0
+        for weight, average in pairs:
+            if averages and size + average._value.numel() > _GROUP_SIZE:
+                groups.append((weights, averages))
+                weights, averages, size = [], [], 0
+            weights.append(weight)
+            averages.append(average)
+            size += average._value.numel()
+        groups.append((weights, averages))
+    return singles, groups
