@@ -7,7 +7,9 @@ prints each one's extra time over plain SGD as a multiple of the one-pass
 bound: numpy reading two arrays and writing one of the same total size, in
 the same process. Each sample runs four steps and counts a quarter of their
 time, so that `update_every=4` pays for its one averaging step in every
-sample; the figures are medians of many samples after warm-up.
+sample; each variant is timed as the median of `--repeats` samples after
+warm-up, in `--rounds` rounds that take the variants in turn, and each ratio
+is the median over the rounds.
 
 On TensorFlow, with `tf-keras` and `tf-models-official` installed, a "Model
 Garden" column adds TensorFlow Model Garden's `ExponentialMovingAverage`
@@ -152,7 +154,9 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="samples per variant and round")
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     # Each column: (the baseline its extra time is over, its step builder).
     baselines = {"SGD": _keras_step(lambda: keras.optimizers.SGD(0.01))}
@@ -185,15 +189,31 @@ def main():
         values = [rng.random(size, dtype="float32") for _ in range(count)]
         grads = [keras.ops.convert_to_tensor(v) for v in values]
 
-        def timed(build):
-            step = build(values, grads)
-            return _median_seconds(step, args.repeats, calls=STEPS_PER_SAMPLE)
-
-        plain = {name: timed(build) for name, build in baselines.items()}
-        bound = _bound_seconds(count, size, args.repeats)
+        # Every step is built once, then timed in rounds that take the
+        # variants in turn: the state of the process drifts over minutes
+        # (a whole row moved 2x between runs timed one variant after the
+        # other), so each ratio is the median over rounds of that round's
+        # ratio.
+        builds = {**baselines, **{n: b for n, (_, b) in columns.items()}}
+        steps = {name: build(values, grads) for name, build in builds.items()}
+        times = {name: [] for name in steps}
+        bounds = []
+        for r in range(args.rounds):
+            names = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]
+            for name in names:
+                times[name].append(_median_seconds(
+                    steps[name], args.repeats, calls=STEPS_PER_SAMPLE
+                ))
+            bounds.append(_bound_seconds(count, size, args.repeats))
+        del steps
+        plain = {name: float(np.median(times[name])) for name in baselines}
+        bound = float(np.median(bounds))
         ratios = [
-            (timed(build) - plain[baseline]) / bound
-            for baseline, build in columns.values()
+            float(np.median([
+                (t - b) / bound_r for t, b, bound_r in
+                zip(times[name], times[baseline], bounds)
+            ]))
+            for name, (baseline, _) in columns.items()
         ]
         print(f"{count:>5} x {size:<7} "
               + " ".join(f"{plain[name] * 1e3:{widths[name]}.2f}" for name in baselines)
