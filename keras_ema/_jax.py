@@ -2,7 +2,7 @@
 
 On JAX, `model.fit` compiles a stateless train step: the optimizer gets the
 values of its own variables and of the trainable weights, and must return new
-ones (`stateless_apply`). Two things need care there:
+ones (`stateless_apply`). Three things need care there:
 
 - The averages of non-trainable variables (BatchNorm statistics) cannot be
   updated by the optimizer, which never sees those values. `shadow_copy`
@@ -13,6 +13,8 @@ ones (`stateless_apply`). Two things need care there:
   trainer donates their buffers), so a step run while the averages are
   swapped in changes nothing instead of raising; a warning is given when
   such a step is compiled.
+- Speed: the averages must read the new weights from memory, not have XLA
+  recompute them, which would copy every old weight per step.
 """
 
 import warnings
