@@ -63,9 +63,7 @@ def gate(flag, message, values):
     if executing_eagerly():
         return values
     tf = _tensorflow()
-    value = flag.value
-    check = tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)
-    with tf.control_dependencies([check]):
+    with tf.control_dependencies([_assert_zero(flag, message)]):
         return [None if v is None else tf.identity(v) for v in values]
 
 
@@ -78,7 +76,10 @@ def check_zero(flag, message):
     """
     if executing_eagerly():
         return contextlib.nullcontext()
-    tf = _tensorflow()
+    return _tensorflow().control_dependencies([_assert_zero(flag, message)])
+
+
+def _assert_zero(flag, message):
     value = flag.value
-    check = tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)
-    return tf.control_dependencies([check])
+    tf = _tensorflow()
+    return tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)

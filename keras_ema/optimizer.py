@@ -250,15 +250,6 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         return [dtype] if dtype == weight_dtype else [dtype, weight_dtype]
 
     def _add_average(self, variable, saved=None, extra=False):
-        # Created eagerly, also when `fit` builds the optimizer while tracing
-        # its step: a variable created in the trace keeps its initial value
-        # alive as a captured input of the step (a second copy of the
-        # weights, for as long as the model lives), and cannot be lifted out
-        # of an XLA-compiled step at all.
-        with _tf.eager_scope():
-            self._add_average_eagerly(variable, saved, extra)
-
-    def _add_average_eagerly(self, variable, saved, extra):
         slots = []
         for dtype, suffix in zip(self._slots(variable), ("average", "raw")):
             value = variable if saved is None else next(saved)
@@ -267,7 +258,12 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 # An explicit copy: on torch a same-dtype cast aliases storage.
                 return ops.copy(ops.cast(value, dtype))
 
-            with _tf.colocate_with(self, variable):
+            # Created eagerly, also when `fit` builds the optimizer while tracing
+            # its step: a variable created in the trace keeps its initial value
+            # alive as a captured input of the step (a second copy of the
+            # weights, for as long as the model lives), and cannot be lifted out
+            # of an XLA-compiled step at all.
+            with _tf.eager_scope(), _tf.colocate_with(self, variable):
                 slots.append(self.add_variable(
                     shape=variable.shape,
                     initializer=initializer,

@@ -38,14 +38,18 @@ def _fit_memory(optimizer):
 
 @tensorflow_only
 def test_averages_cost_one_copy_between_steps_and_nothing_in_the_steps():
-    plain_left, plain_in_steps = _fit_memory(keras.optimizers.SGD(0.1))
+    plain_left, _ = _fit_memory(keras.optimizers.SGD(0.1))
     left, in_steps = _fit_memory(
         keras_ema.ExponentialMovingAverage(keras.optimizers.SGD(0.1))
     )
+    # TensorFlow keeps a one-time buffer of one layer's size (0.09 of a
+    # copy) after some fits of a process, with or without averages.
+    noise = 0.2
+    assert plain_left < noise
     # One copy: not a second one kept alive by the traced step that built
-    # the averages (their initial values, captured by the step).
-    assert plain_left == 0
-    assert 0.99 < left <= 1.0
-    # In the steps, what plain SGD needs: the swap check must not hold all
-    # the gradients of a step at once (another copy).
-    assert in_steps <= plain_in_steps + 0.01
+    # the averages (their initial values, captured by the step: 2.09).
+    assert 0.99 < left < 1 + noise
+    # In the steps, less than one copy: the swap check must not hold every
+    # gradient of a step at once, which is a whole copy (measured: 1.00;
+    # plain SGD's steps hold 0.36 to 0.73 of one here).
+    assert in_steps < 0.9
