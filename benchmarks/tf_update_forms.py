@@ -9,13 +9,11 @@ size):
 
 - `assign_sub`: `average.assign_sub(factor * (average - weight))`, five ops;
 - `fused`: `ResourceApplyGradientDescent(average, factor, average - weight)`,
-  four ops, what keras-ema does;
+  four ops, what keras-ema does for a large weight;
 - `flat`: the averages as one flat variable, moved by one fused op from the
-  concatenated weights: two ops per variable (read, reshape) plus three;
+  concatenated weights: two ops per variable (read, reshape) plus three,
+  what keras-ema does for small weights (`keras_ema/_packing.py`);
 - `xla`: the `assign_sub` form in a nested XLA-compiled function.
-
-The `flat` form is the grouping keras-ema does not do yet (see README, "Speed
-and memory"): it would make every average a slice of a shared variable.
 
     python benchmarks/tf_update_forms.py --count 2000 --size 1000
 """

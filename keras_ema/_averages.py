@@ -5,11 +5,16 @@ average is float32 for float16/bfloat16 weights; such entries also keep a
 `backup` of the weight's dtype that holds the raw weight while the averages
 are swapped in, so that a swap never rounds the average. The functions below
 take one entry's variables (per device under `tf.distribute`) and are run
-for all entries by `for_each`.
+for all entries by `for_each`, which runs them once per pack for packed
+averages (`_packing.py`).
 """
+
+import functools
 
 import keras
 from keras import ops
+
+from keras_ema import _packing
 
 
 class Averaged:
@@ -32,6 +37,8 @@ class Averaged:
         self.deferred = None
         # On torch: the entries grouped for the multi-tensor kernels.
         self.torch_groups = None
+        # The `_packing.Pack`s of the averages of small weights.
+        self.packs = []
 
 
 def for_each(optimizer, entries, fn, *args, when=None):
@@ -45,6 +52,9 @@ def for_each(optimizer, entries, fn, *args, when=None):
     through, which costs more than the update it skips): the caller's
     arguments must make `fn` a no-op where `when` is false.
     """
+    packs = []
+    if optimizer._averaged.packs:
+        entries, packs = _split_packed(entries)
     backend = keras.backend.backend()
     if backend == "torch":
         from keras_ema import _torch
@@ -57,6 +67,8 @@ def for_each(optimizer, entries, fn, *args, when=None):
     if backend != "tensorflow":
         for weight, average, backup in entries:
             fn(average, weight, backup, *args)
+        for pack, chosen in packs:
+            _run_packed(fn, pack, chosen, pack.buffer, pack.weights, *args)
         return
     import tensorflow as tf
 
@@ -66,6 +78,13 @@ def for_each(optimizer, entries, fn, *args, when=None):
                 average.value,
                 fn,
                 args=(weight.value, _value(backup), *args),
+                group=False,
+            )
+        for pack, chosen in packs:
+            distribution.extended.update(
+                pack.buffer.value,
+                functools.partial(_run_packed, fn, pack, chosen),
+                args=([w.value for w in pack.weights], *args),
                 group=False,
             )
 
@@ -85,6 +104,33 @@ def for_each(optimizer, entries, fn, *args, when=None):
         tf.__internal__.distribute.interim.maybe_merge_call(
             update, strategy, *args
         )
+
+
+def _split_packed(entries):
+    """The unpacked entries, and `(pack, indices)` for the packed ones."""
+    unpacked, packs = [], {}
+    for entry in entries:
+        average = entry[1]
+        if isinstance(average, _packing.PackedAverage):
+            pack = average.pack
+            packs.setdefault(id(pack), (pack, []))[1].append(average.index)
+        else:
+            unpacked.append(entry)
+    return unpacked, list(packs.values())
+
+
+def _run_packed(fn, pack, chosen, buffer, weights, *args):
+    """`fn` for the entries of `pack` with indices in `chosen`, at once."""
+    if fn is assign:
+        _packing.assign(pack, buffer, weights, chosen)
+        return
+    # Moves and swaps: every average of the pack, as `for_each` gets them.
+    if len(chosen) != len(weights):
+        raise ValueError(f"{fn.__name__} must run on whole packs.")
+    if fn is swap:
+        _packing.swap(pack, buffer, weights, _is_deleted)
+        return
+    fn(buffer, pack.join(weights), None, *args)
 
 
 def _value(variable):

@@ -51,20 +51,46 @@ def executing_eagerly():
     return True if tf is None else tf.executing_eagerly()
 
 
-def gate(flag, message, values):
+def gate(flag, message, values, small, bunch):
     """In a traced step: `values`, released only once `flag` is checked 0.
 
     A compiled step is traced once but may run after any later swap. Gating
     what the optimizer consumes, rather than making every op of its update
     wait on the check, keeps the step's order: each weight still updates as
     soon as its gradient is ready, instead of every gradient of the step
-    being held in memory until the check has run. Eagerly, `values`.
+    being held in memory until the check has run. Tensors of at most `small`
+    elements pass in bunches of at most `bunch` elements, one `IdentityN`
+    per bunch (one graph op each costs as much as moving 10k floats); the
+    others one by one. Eagerly, `values`.
     """
     if executing_eagerly():
         return values
     tf = _tensorflow()
-    with tf.control_dependencies([_assert_zero(flag, message)]):
-        return [None if v is None else tf.identity(v) for v in values]
+    check = _assert_zero(flag, message)
+    # `IndexedSlices` gradients pass as their component tensors.
+    flat = tf.nest.flatten(values, expand_composites=True)
+    bunches, size = [[]], 0
+    for i, tensor in enumerate(flat):
+        if tensor is None:
+            continue
+        count = tensor.shape.num_elements()
+        if count is None or count > small:
+            bunches.append([i])
+            continue
+        if size + count > bunch:
+            bunches.append([])
+            size = 0
+        bunches[-1].append(i)
+        size += count
+    flat = list(flat)
+    for indices in bunches:
+        if not indices:
+            continue
+        with tf.control_dependencies([check]):
+            gated = tf.identity_n([flat[i] for i in indices])
+        for i, tensor in zip(indices, gated):
+            flat[i] = tensor
+    return tf.nest.pack_sequence_as(values, flat, expand_composites=True)
 
 
 def check_zero(flag, message):

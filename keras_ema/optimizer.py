@@ -10,6 +10,7 @@ from keras.src.utils import tracking
 
 from keras_ema import _averages
 from keras_ema import _checks
+from keras_ema import _packing
 from keras_ema import _tf
 from keras_ema import schedules
 
@@ -155,8 +156,17 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             name="averages_swapped_in",
         )
         self.inner_optimizer.build(var_list)
-        for variable in var_list:
-            if self._should_average(variable):
+        averaged = [v for v in var_list if self._should_average(v)]
+        packed = {}
+        if _packing.enabled():
+            for group in _packing.plan(averaged, lambda v: self._slots(v)[0]):
+                pack = self._add_pack(group)
+                for i, weight in enumerate(group):
+                    packed[id(weight)] = _packing.PackedAverage(pack, i)
+        for variable in averaged:
+            if id(variable) in packed:
+                self._add_entry(variable, [packed[id(variable)]])
+            else:
                 self._add_average(variable)
         super().build(var_list)
         if self._averaged.deferred is not None:
@@ -227,7 +237,14 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         return bool(self._averaged.entries)
 
     def average(self, variable):
-        """Returns the average of `variable`, or `None` if it has none."""
+        """Returns the average of `variable`, or `None` if it has none.
+
+        The average is a `keras.Variable`, or, for a small weight whose
+        average is stored together with others' (TensorFlow and JAX, see
+        README "Speed and memory"), a view of it with the same `value`,
+        `numpy()`, `dtype`, `shape` and `assign`, usable in Keras ops and
+        `np.asarray`.
+        """
         i = self._averaged.index.get(self._var_key(variable))
         return None if i is None else self._averaged.entries[i][1]
 
@@ -271,11 +288,31 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                     name=f"{variable.path.replace('/', '_')}_{suffix}",
                     layout=getattr(variable, "_layout", None),
                 ))
+        self._add_entry(variable, slots)
+        if extra:
+            self._averaged.extra.extend(slots)
+
+    def _add_pack(self, weights):
+        """One flat variable for the averages of `weights` (`_packing.py`)."""
+        pack = _packing.Pack(weights)
+
+        def initializer(shape, dtype):
+            return ops.cast(pack.join(weights), dtype)
+
+        with _tf.eager_scope(), _tf.colocate_with(self, weights[0]):
+            pack.buffer = self.add_variable(
+                shape=(pack.offsets[-1],),
+                initializer=initializer,
+                dtype=weights[0].dtype,
+                name=f"packed_averages_{len(self._averaged.packs)}",
+            )
+        self._averaged.packs.append(pack)
+        return pack
+
+    def _add_entry(self, variable, slots):
         averaged = self._averaged
         averaged.index[self._var_key(variable)] = len(averaged.entries)
         averaged.entries.append((variable, slots[0], (slots + [None])[1]))
-        if extra:
-            averaged.extra.extend(slots)
 
     @property
     def variables(self):
@@ -306,7 +343,11 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         # that moves waits for the gradients or, as the inner optimizer's
         # `iterations` increment does, for this read of `iterations`.
         before, *grads = _tf.gate(
-            self._swapped, _SWAPPED_IN, [self.inner_optimizer.iterations, *grads]
+            self._swapped,
+            _SWAPPED_IN,
+            [self.inner_optimizer.iterations, *grads],
+            small=_packing.WEIGHT_LIMIT,
+            bunch=_packing.PACK_LIMIT,
         )
         # Did the inner optimizer really update? One rule covers gradient
         # accumulation (its `iterations` counts real updates only) and an
@@ -493,6 +534,26 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
 
     # -- saving ---------------------------------------------------------------
 
+    def _saved_variables(self):
+        """`variables` with each pack replaced by its averages, in the order
+        of the unpacked layout: a file holds one entry per average."""
+        averaged = self._averaged
+        extra_ids = {id(v) for v in averaged.extra}
+        slots = [
+            s for _, average, backup in averaged.entries
+            for s in (average, backup)
+            if s is not None and id(s) not in extra_ids
+        ]
+        stored = {id(s) for s in slots} | extra_ids | {
+            id(p.buffer) for p in averaged.packs
+        }
+        own = [v for v in self._variables if id(v) not in stored]
+        return own + slots + self.inner_optimizer.variables + averaged.extra
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._saved_variables()):
+            store[str(i)] = variable.numpy()
+
     def load_own_variables(self, store):
         values = [store[str(i)][...] for i in range(len(store.keys()))]
         if self.built:
@@ -503,7 +564,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             self._averaged.deferred = values
 
     def _restore(self, values):
-        variables = self.variables
+        variables = self._saved_variables()
         extra = len(values) - len(variables)
         if extra < 0 or (extra and self._averaged.extra):
             raise ValueError(
@@ -513,8 +574,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 "the same model, with the same `trainable_weights_only` and "
                 "`exclude`."
             )
-        for variable, value in zip(variables, values):
-            variable.assign(value)
+        _packing.assign_all(variables, values[: len(variables)])
         if extra:
             # Averages of non-trainable variables: the model variables they
             # belong to are unknown here; `shadow_copy(model)` attaches them.

@@ -32,6 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ema  # noqa: E402
+from keras_ema import _packing  # noqa: E402
 
 STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 DECAY = 0.9
@@ -65,8 +66,22 @@ def make(batchnorm=False, strategy=STRATEGY, compile=True, **kwargs):
     return model, opt
 
 
+def storage(opt, weight):
+    """The variable that holds `weight`'s average: its own, or its pack's."""
+    average = opt.average(weight)
+    if isinstance(average, _packing.PackedAverage):
+        return average.pack.buffer
+    return average
+
+
 def replicas(variable):
     """The per-device values of a (Keras) variable, as numpy arrays."""
+    if isinstance(variable, _packing.PackedAverage):
+        # A packed average: its slice of each replica of the pack.
+        return [
+            np.array(variable.pack.part(r, variable.index))
+            for r in replicas(variable.pack.buffer)
+        ]
     value = getattr(variable, "value", variable)
     return [
         np.array(t.numpy()) for t in STRATEGY.experimental_local_results(value)
@@ -206,9 +221,10 @@ def placement():
     model.fit(X, Y, **FIT)
     facts = []
     for w in model.trainable_variables:
-        a = opt.average(w)
+        a = storage(opt, w)
         facts.append({
             "path": w.path,
+            "packed": isinstance(opt.average(w), _packing.PackedAverage),
             "weight_type": type(w.value).__name__,
             "average_type": type(a.value).__name__,
             "average_is_distributed": isinstance(
@@ -541,7 +557,7 @@ def shadow_copy_outside_scope():
             [r[0] for r in snap["a"]], numpy_ema(recorder.weights)
         ),
         "average_types": [
-            type(opt.average(v).value).__name__
+            type(storage(opt, v).value).__name__
             for v in model.trainable_variables
         ],
         **state_facts(opt),
@@ -581,7 +597,7 @@ def low_precision():
         return {
             "weight_dtype": str(w.dtype),
             "average_dtype": str(opt.average(w).dtype),
-            "average_type": type(opt.average(w).value).__name__,
+            "average_type": type(storage(opt, w).value).__name__,
             "weights_are_rounded_averages": equal(swapped["w"], rounded),
             "averages_untouched_while_swapped": equal(swapped["a"], raw["a"]),
             "identical_across_replicas": identical_across_replicas(swapped),

@@ -104,6 +104,9 @@ def test_mirrored_averages_are_mirrored_variables_on_their_weights_devices(
     assert facts["replicas"] == 2
     assert len(facts["averages"]) == 4  # two Dense kernels and biases
     for entry in facts["averages"]:
+        # Small weights: their averages share one flat variable, as on one
+        # device, so a `tf.train.Checkpoint` has the same layout.
+        assert entry["packed"], entry
         assert entry["weight_type"] == "MirroredVariable", entry
         assert entry["average_type"] == "MirroredVariable", entry
         assert entry["average_is_distributed"], entry

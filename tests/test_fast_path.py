@@ -1,9 +1,9 @@
 """The fast update path gives the averages of the plain rule, bit for bit.
 
 Each backend moves the averages its own fast way: TensorFlow with one
-in-place kernel per average (`ResourceApplyGradientDescent`), torch with
-multi-tensor kernels over groups of averages, JAX from the new weights as
-materialized in memory. Here a model with many variables of several sizes and
+in-place kernel per average (`ResourceApplyGradientDescent`) or per pack of
+small averages, torch with multi-tensor kernels over groups of averages, JAX
+from the new weights as materialized in memory, packed too. Here a model with many variables of several sizes and
 dtypes trains through `fit`, and its averages are checked against the rule
 written out in numpy float32 from the recorded weights: after every batch,
 through a swap round trip and across a `.keras` save and load. Bit for bit
@@ -90,29 +90,52 @@ def numpy_averages(opt, model):
     return [np.asarray(opt.average(v)) for v in model.trainable_variables]
 
 
-@pytest.fixture(params=[None, 64], ids=["groups", "tiny-groups"])
-def group_size(request, monkeypatch):
-    """On torch, also with groups of at most 64 elements, so that the
-    multi-tensor kernels split the variables into many groups."""
-    if request.param is not None:
-        if BACKEND != "torch":
-            pytest.skip("groups of averages exist on torch only")
-        from keras_ema import _torch
+@pytest.fixture(params=["default", "tiny-groups", "unpacked"])
+def layout(request, monkeypatch):
+    """How the averages are laid out: by default, on TensorFlow and JAX the
+    small ones are packed (`_packing.py`) and on torch grouped for the
+    multi-tensor kernels; "tiny-groups" makes packs or groups of at most 64
+    elements, so there are many; "unpacked" (TensorFlow and JAX) gives every
+    average its own variable."""
+    from keras_ema import _packing
 
-        monkeypatch.setattr(_torch, "_GROUP_SIZE", request.param)
+    if request.param == "tiny-groups":
+        if BACKEND == "torch":
+            from keras_ema import _torch
+
+            monkeypatch.setattr(_torch, "_GROUP_SIZE", 64)
+        else:
+            monkeypatch.setattr(_packing, "PACK_LIMIT", 64)
+    if request.param == "unpacked":
+        if BACKEND == "torch":
+            pytest.skip("averages are never packed on torch")
+        monkeypatch.setattr(_packing, "WEIGHT_LIMIT", 0)
     return request.param
 
 
+def packed_count(opt, model):
+    from keras_ema import _packing
+
+    return sum(
+        isinstance(opt.average(v), _packing.PackedAverage)
+        for v in model.trainable_variables
+    )
+
+
 def test_fast_path_equals_plain_rule_through_fit_swap_and_save(
-    tmp_path, group_size
+    tmp_path, layout
 ):
     model = many_variables_model()
     opt = keras_ema.ExponentialMovingAverage(
         keras.optimizers.SGD(0.05, momentum=0.5), average_decay=DECAY
     )
     model.compile(optimizer=opt, loss="mse")
+    opt.build(model.trainable_variables)
     start = [v.numpy().astype("float32") for v in model.trainable_variables]
     assert len(start) == 26
+    # The 22 float32 weights are packed; the bfloat16 ones have a backup.
+    packs = {"default": 22, "tiny-groups": 20, "unpacked": 0}[layout]
+    assert packed_count(opt, model) == (0 if BACKEND == "torch" else packs)
 
     weights, averages = fit_recording(model, seed=0)
     assert_rule(start, weights, averages, first_update=0)
@@ -130,6 +153,8 @@ def test_fast_path_equals_plain_rule_through_fit_swap_and_save(
     # Saved and loaded bit for bit, training goes on with the same rule.
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
+    loaded.optimizer.build(loaded.trainable_variables)
+    assert packed_count(loaded.optimizer, loaded) == packed_count(opt, model)
     for saved, average in zip(averages, numpy_averages(loaded.optimizer, loaded)):
         np.testing.assert_array_equal(bits(average), bits(saved))
     more_weights, more_averages = fit_recording(loaded, seed=1)
