@@ -124,9 +124,7 @@ def _run_packed(fn, pack, chosen, buffer, weights, *args):
     if fn is assign:
         _packing.assign(pack, buffer, weights, chosen)
         return
-    # Moves and swaps: every average of the pack, as `for_each` gets them.
-    if len(chosen) != len(weights):
-        raise ValueError(f"{fn.__name__} must run on whole packs.")
+    # Moves and swaps get every average of the pack.
     if fn is swap:
         _packing.swap(pack, buffer, weights, _is_deleted)
         return

@@ -34,8 +34,7 @@ class Pack:
     def __init__(self, weights):
         self.weights = list(weights)
         self.shapes = [tuple(w.shape) for w in self.weights]
-        self.sizes = [_size(w) for w in self.weights]
-        self.offsets = np.cumsum([0] + self.sizes).tolist()
+        self.offsets = np.cumsum([0] + [_size(w) for w in weights]).tolist()
         self.buffer = None
 
     def join(self, weights):
@@ -196,11 +195,8 @@ def assign_all(slots, values):
                 f"{slot.shape}. Instead, load a file saved for the same model."
             )
         packs.setdefault(id(slot.pack), (slot.pack, {}))[1][slot.index] = value
+    # Saved files hold every average of a pack (`_saved_variables`).
     for pack, parts in packs.values():
-        if len(parts) < len(pack.weights):
-            for i, value in parts.items():
-                PackedAverage(pack, i).assign(value)
-            continue
         dtype = keras.backend.standardize_dtype(pack.buffer.dtype)
         flat = [np.reshape(parts[i], -1) for i in range(len(pack.weights))]
         pack.buffer.assign(np.concatenate(flat).astype(dtype))

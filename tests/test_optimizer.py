@@ -511,11 +511,16 @@ def test_a_fit_after_a_swap_never_trains_on_the_averages():
 
 
 @tensorflow_only
-def test_a_compiled_step_traced_before_a_swap_still_refuses_to_train():
+@pytest.mark.parametrize("size", [1, 20_000], ids=["small", "large"])
+def test_a_compiled_step_traced_before_a_swap_still_refuses_to_train(size):
+    """Small gradients pass the check in bunches, large ones one by one."""
     import tensorflow as tf
 
-    w, opt = _scalar_setup()
-    step = tf.function(lambda: opt.apply(ONE, [w]))
+    w = keras.Variable(np.ones(size, "float32"), name="w")
+    opt = ExponentialMovingAverage(keras.optimizers.SGD(0.1))
+    opt.build([w])
+    grads = [tensor(np.ones(size, "float32"))]
+    step = tf.function(lambda: opt.apply(grads, [w]))
     step()  # traced while the raw weights are in
     opt.swap_weights()
     held = bits(w), bits(opt.average(w))
