@@ -39,6 +39,13 @@ class Averaged:
         self.torch_groups = None
         # The `_packing.Pack`s of the averages of small weights.
         self.packs = []
+        # Weights whose averages wait for the weights to have a value
+        # (`ExponentialMovingAverage._create_averages`).
+        self.todo = []
+        # A weak reference to the model (`_model.py`), once known.
+        self.model = None
+        # The inner optimizer's saved values, read before it was built.
+        self.deferred_inner = None
 
 
 def for_each(optimizer, entries, fn, *args, when=None):
@@ -75,16 +82,16 @@ def for_each(optimizer, entries, fn, *args, when=None):
     def update_all(distribution, *args):
         for weight, average, backup in entries:
             distribution.extended.update(
-                average.value,
+                value(average),
                 fn,
-                args=(weight.value, _value(backup), *args),
+                args=(value(weight), value(backup), *args),
                 group=False,
             )
         for pack, chosen in packs:
             distribution.extended.update(
                 pack.buffer.value,
                 functools.partial(_run_packed, fn, pack, chosen),
-                args=([w.value for w in pack.weights], *args),
+                args=([value(w) for w in pack.weights], *args),
                 group=False,
             )
 
@@ -126,13 +133,21 @@ def _run_packed(fn, pack, chosen, buffer, weights, *args):
         return
     # Moves and swaps get every average of the pack.
     if fn is swap:
-        _packing.swap(pack, buffer, weights, _is_deleted)
+        _packing.swap(pack, buffer, weights, is_lost)
         return
     fn(buffer, pack.join(weights), None, *args)
 
 
-def _value(variable):
-    return None if variable is None else variable.value
+def value(variable):
+    """The backend variable of a `keras.Variable`; a `tf.Variable` itself."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
+def path(variable):
+    """A variable's `path`; a plain `tf.Variable` has its `name` only."""
+    return getattr(variable, "path", None) or variable.name
 
 
 def move(average, weight, backup, factor):
@@ -169,7 +184,7 @@ def swap(average, weight, backup, swapped_in):
     explicit copy, because on torch a same-dtype cast aliases storage.
     """
     raw = weight
-    if _is_deleted(weight):
+    if is_lost(weight):
         # A compiled JAX step that failed consumed the buffer of the average
         # swapped into the model: that average is lost, and restarts from
         # the raw weight, which waits in the slot.
@@ -187,6 +202,11 @@ def swap(average, weight, backup, swapped_in):
     backup.assign(ops.where(going_in, raw, held))
 
 
+def start(average, weight, backup):
+    """Sets the average to the weight: where every average starts."""
+    average.assign(ops.copy(ops.cast(weight, average.dtype)))
+
+
 def assign(average, weight, backup):
     """Overwrites the weight with its average."""
     # A copy: on JAX a same-dtype cast is the same array, and two variables
@@ -194,6 +214,10 @@ def assign(average, weight, backup):
     weight.assign(ops.copy(ops.cast(average, weight.dtype)))
 
 
-def _is_deleted(variable):
-    value = getattr(variable, "value", None)
-    return bool(getattr(value, "is_deleted", lambda: False)())
+def is_lost(variable):
+    """Whether a JAX model variable lost its value: cleared by a trainer
+    that raised, or its buffer consumed by a compiled step that failed."""
+    if keras.backend.backend() != "jax" or not isinstance(variable, keras.Variable):
+        return False
+    array = variable._value
+    return array is None or array.is_deleted()

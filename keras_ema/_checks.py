@@ -37,6 +37,7 @@ def check_bool(value, name):
             f"ExponentialMovingAverage requires `{name}` to be True or False. "
             f"Received: {name}={value!r}."
         )
+    return value
 
 
 def check_int(value, name, minimum):
@@ -50,6 +51,7 @@ def check_int(value, name, minimum):
             f">= {minimum}. Received: {name}={value!r}. Instead, pass e.g. "
             f"{name}={minimum}."
         )
+    return int(value)
 
 
 def check_float_dtype(dtype):
@@ -92,3 +94,24 @@ def compile_patterns(exclude):
                 f"({error}). Instead, pass e.g. exclude=['bias$']."
             ) from None
     return patterns
+
+
+def check_model(model, what):
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(
+            f"`{what}` requires a Keras model or layer. Received: "
+            f"model={model!r} of type {type(model).__name__}. Instead, pass "
+            "the `keras.Model` compiled with this optimizer."
+        )
+
+
+def check_variables(var_list, what):
+    var_list = list(var_list)
+    bad = [v for v in var_list if not hasattr(v, "assign")]
+    if bad:
+        raise ValueError(
+            f"`{what}` requires variables (`keras.Variable` or "
+            f"`tf.Variable`). Received: {bad[0]!r} of type "
+            f"{type(bad[0]).__name__}. Instead, pass e.g. `model.variables`."
+        )
+    return var_list

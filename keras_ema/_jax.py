@@ -5,14 +5,15 @@ values of its own variables and of the trainable weights, and must return new
 ones (`stateless_apply`). Three things need care there:
 
 - The averages of non-trainable variables (BatchNorm statistics) cannot be
-  updated by the optimizer, which never sees those values. `shadow_copy`
-  wraps the model's `train_step` instead: the wrapper reads the step's new
-  non-trainable values from the returned state and moves their averages in
-  the same compiled step.
+  updated by the optimizer, which never sees those values. The model's
+  `train_step` is wrapped instead (`_model.install_guard`): the wrapper reads
+  the step's new non-trainable values from the returned state and moves
+  their averages in the same compiled step.
 - An exception inside the compiled step would lose the model's weights (the
   trainer donates their buffers), so a step run while the averages are
-  swapped in changes nothing instead of raising; a warning is given when
-  such a step is compiled.
+  swapped in changes nothing instead of raising (the wrapper keeps the
+  BatchNorm statistics too); a warning is given when such a step is
+  compiled.
 - Speed: the averages must read the new weights from memory, not have XLA
   recompute them, which would copy every old weight per step.
 """
@@ -83,27 +84,31 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
     return new_trainable, keep_if_swapped(optimizer_variables, new_values)
 
 
-def install_train_step(model, optimizer):
-    """Wraps `model.train_step` to move the averages it alone can see."""
-    if getattr(vars(model).get("train_step"), "_keras_ema", None) is optimizer:
-        return
-    original = model.train_step
+def guarded_train_step(model, optimizer, original):
+    """`model.train_step`, also moving the averages it alone can see, and
+    changing nothing at all while the averages are swapped in."""
 
     def train_step(state, data):
         before = state[2]
-        logs, state = original(state, data)
-        trainable, non_trainable, values, metrics = state
-        values = _move_model_averages(
-            optimizer, model, trainable, non_trainable, before, values
+        logs, new_state = original(state, data)
+        trainable, non_trainable, values, metrics = new_state
+        if optimizer._averaged.extra:
+            values = _move_model_averages(
+                optimizer, model, trainable, non_trainable, before, values
+            )
+        # The optimizer kept the weights and its own state; the forward pass
+        # moved the BatchNorm statistics: keep them too.
+        swapped = ops.not_equal(
+            _value(optimizer, optimizer.variables, before, optimizer._swapped),
+            0,
         )
+        non_trainable = [
+            ops.where(swapped, old, new)
+            for old, new in zip(state[1], non_trainable)
+        ]
         return logs, (trainable, non_trainable, values, metrics)
 
-    train_step._keras_ema = optimizer
-    model.train_step = train_step
-    if getattr(model, "train_function", None) is not None:
-        # Compiled before, it would not call the wrapper. `fit` compiles it
-        # before `on_train_begin`, so rebuild it rather than drop it.
-        model.make_train_function(force=True)
+    return train_step
 
 
 def _move_model_averages(optimizer, model, trainable, non_trainable, before,

@@ -63,7 +63,7 @@ class PackedAverage:
         self.pack = pack
         self.index = index
         weight = pack.weights[index]
-        self.path = f"{weight.path}_average"
+        self.path = f"{getattr(weight, 'path', None) or weight.name}_average"
         self.shape = pack.shapes[index]
 
     @property
@@ -155,18 +155,18 @@ def _size(weight):
 
 def _devices(weight):
     """Where the weight lives (each replica's device under `tf.distribute`)."""
-    value = weight.value
+    value = weight.value if isinstance(weight, keras.Variable) else weight
     return tuple(str(c.device) for c in getattr(value, "values", (value,)))
 
 
-def swap(pack, buffer, weights, is_deleted):
+def swap(pack, buffer, weights, is_lost):
     """Exchanges the weights with their averages in the pack, exactly."""
     flat = ops.convert_to_tensor(buffer)
     averages = pack.split(flat)
     # A weight whose buffer a failed JAX step consumed restarts from its
     # average, as an unpacked one does.
     raw = pack.join([
-        a if is_deleted(w) else w for w, a in zip(weights, averages)
+        a if is_lost(w) else w for w, a in zip(weights, averages)
     ])
     for weight, average in zip(weights, averages):
         weight.assign(average)
@@ -191,7 +191,7 @@ def assign_all(slots, values):
         if value.shape != slot.shape:
             raise ValueError(
                 f"Cannot load a value of shape {value.shape} into the average "
-                f"of {slot.pack.weights[slot.index].path}, of shape "
+                f"of {slot.path}, of shape "
                 f"{slot.shape}. Instead, load a file saved for the same model."
             )
         packs.setdefault(id(slot.pack), (slot.pack, {}))[1][slot.index] = value

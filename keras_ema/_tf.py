@@ -18,13 +18,39 @@ def _tensorflow():
     return tf
 
 
+UNINITIALIZED = (
+    "ExponentialMovingAverage could not create the averages of weights that "
+    "are created inside this `tf.function`: TensorFlow ran the function "
+    "before it initialized them. Instead, build the model before its first "
+    "step (`model.build(input_shape)`, or start it with `keras.Input`)."
+)
+
+
 def colocate_with(optimizer, variable):
     """Creates the variables of the block on `variable`'s devices."""
     if _tensorflow() is None:
         return contextlib.nullcontext()
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
     return optimizer._distribution_strategy.extended.colocate_vars_with(
-        variable.value
+        variable
     )
+
+
+def initialized(variable):
+    """Whether `variable` has a value outside the function being traced.
+
+    A weight created by a model's first call inside a `tf.function` has none
+    in the function's first trace: TensorFlow initializes it afterwards and
+    traces the function again.
+    """
+    tf = _tensorflow()
+    if tf is None:
+        return True
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    with tf.init_scope():
+        return bool(variable.is_initialized())
 
 
 def strategy_scope(optimizer):
@@ -51,7 +77,7 @@ def executing_eagerly():
     return True if tf is None else tf.executing_eagerly()
 
 
-def gate(flag, message, values, small, bunch):
+def gate(flag, message, values, small, bunch, never=None):
     """In a traced step: `values`, released only once `flag` is checked 0.
 
     A compiled step is traced once but may run after any later swap. Gating
@@ -61,12 +87,17 @@ def gate(flag, message, values, small, bunch):
     being held in memory until the check has run. Tensors of at most `small`
     elements pass in bunches of at most `bunch` elements, one `IdentityN`
     per bunch (one graph op each costs as much as moving 10k floats); the
-    others one by one. Eagerly, `values`.
+    others one by one. Given a message `never`, the traced step fails with it
+    if it ever runs (a first trace, which TensorFlow discards once it has
+    initialized the variables created in it). Eagerly, `values`.
     """
     if executing_eagerly():
         return values
     tf = _tensorflow()
     check = _assert_zero(flag, message)
+    if never is not None:
+        with tf.control_dependencies([check]):
+            check = tf.debugging.Assert(False, [never])
     # `IndexedSlices` gradients pass as their component tensors.
     flat = tf.nest.flatten(values, expand_composites=True)
     bunches, size = [[]], 0

@@ -1,6 +1,6 @@
 """Callbacks that validate and checkpoint on the averaged weights."""
 
-import warnings
+import sys
 
 import keras
 
@@ -15,11 +15,13 @@ class SwapAverageWeights(keras.callbacks.Callback):
     `KeyboardInterrupt`): for the duration of `fit`, the model's `evaluate`,
     which `fit` validates with, runs inside `averaged_weights()`. Passed to
     `evaluate` or `predict`, it swaps the averages in for that call, and back
-    at its end or when a compiled step raises. An error outside the steps
-    (another callback, `predict`'s input pipeline) can leave the averages in:
+    at its end or when a compiled step (on TensorFlow and JAX, also the input
+    pipeline feeding it) raises. An error elsewhere (another callback; on
+    torch, the input pipeline) can leave the averages in:
     `averages_swapped_in` says so, and the next use of this callback, or any
-    `fit` with one, swaps them out. The fully exception-safe form is
-    `with opt.averaged_weights(): model.predict(x)`.
+    `fit` with one, swaps them out, on JAX after putting back the model state
+    that the trainer keeps outside the variables. The fully exception-safe
+    form is `with opt.averaged_weights(): model.predict(x)`.
 
     With `swap_on_epoch=True` the averages also stay in the model from the
     end of each epoch until the next one begins, so the callbacks placed
@@ -30,6 +32,24 @@ class SwapAverageWeights(keras.callbacks.Callback):
     never runs on the averages. With `trainable_weights_only=False`, `fit`
     creates the averages of the non-trainable variables by itself
     (`shadow_copy(model)`).
+
+    Each callback sees what the model holds when its turn comes, so the order
+    in `callbacks` decides what the others save and restore:
+
+    - `ModelCheckpoint` and `BackupAndRestore` save the raw weights, or the
+      averages when placed after a `SwapAverageWeights(swap_on_epoch=True)`;
+      the optimizer state in the file records the swap, so every file resumes
+      training exactly. `AverageModelCheckpoint` saves the averages anywhere.
+    - `EarlyStopping(restore_best_weights=True)` after a
+      `SwapAverageWeights(swap_on_epoch=True)` records and restores the best
+      averages, the weights its `val_` metrics measured; the optimizer keeps
+      the last averages, or, with `end_with_averages=True`, the last raw
+      weights behind the best averages. With `swap_on_epoch=False` it
+      restores the best raw weights, and the optimizer keeps the last
+      averages; with `end_with_averages=True` too, `EarlyStopping` comes
+      first, and the averages are swapped in over the best raw weights.
+    - The two other orders would restore raw weights over the averages: they
+      raise an error when training begins, naming the order to use.
 
     Args:
         swap_on_epoch: If `True`, the averages stay in the model between
@@ -48,12 +68,17 @@ class SwapAverageWeights(keras.callbacks.Callback):
     model.compile(optimizer=opt, loss="mse")
     model.fit(
         x, y, validation_data=(x_val, y_val), epochs=10,
+        callbacks=[keras_ema.SwapAverageWeights(log_raw_metrics=True)],
+    )
+    model.predict(x_val, callbacks=[keras_ema.SwapAverageWeights()])
+    # Stop early, ending with the best averages in the model.
+    model.fit(
+        x, y, validation_data=(x_val, y_val), epochs=10,
         callbacks=[
-            keras_ema.SwapAverageWeights(log_raw_metrics=True),
+            keras_ema.SwapAverageWeights(swap_on_epoch=True),
             keras.callbacks.EarlyStopping(restore_best_weights=True),
         ],
     )
-    model.predict(x_val, callbacks=[keras_ema.SwapAverageWeights()])
     ```
     """
 
@@ -87,7 +112,40 @@ class SwapAverageWeights(keras.callbacks.Callback):
         opt.shadow_copy(self.model)
         _swap_out(opt)
         _uninstall(self.model)
+        self._check_order()
         self._install()
+
+    def _check_order(self):
+        callbacks = _running_callbacks(self)
+        if callbacks is None:
+            return
+        mine = next(i for i, c in enumerate(callbacks) if c is self)
+        for i, callback in enumerate(callbacks):
+            if not (
+                isinstance(callback, keras.callbacks.EarlyStopping)
+                and callback.restore_best_weights
+            ):
+                continue
+            if i < mine and self.swap_on_epoch:
+                raise ValueError(
+                    "SwapAverageWeights(swap_on_epoch=True) does not support "
+                    "EarlyStopping(restore_best_weights=True) before it in "
+                    "`callbacks`: EarlyStopping would record the raw weights "
+                    "at each epoch end, then restore them over the averages. "
+                    "Instead, place SwapAverageWeights before EarlyStopping, "
+                    "which then records and restores the best averages."
+                )
+            if i > mine and self.end_with_averages and not self.swap_on_epoch:
+                raise ValueError(
+                    "SwapAverageWeights(end_with_averages=True) does not "
+                    "support EarlyStopping(restore_best_weights=True) after it "
+                    "in `callbacks` without `swap_on_epoch=True`: "
+                    "EarlyStopping would restore the best raw weights over the "
+                    "averages. Instead, place SwapAverageWeights after "
+                    "EarlyStopping, to swap the averages in over the best raw "
+                    "weights, or set `swap_on_epoch=True` to restore the best "
+                    "averages."
+                )
 
     def on_epoch_begin(self, epoch, logs=None):
         _swap_out(find_in_model(self.model, "SwapAverageWeights"))
@@ -165,12 +223,14 @@ class SwapAverageWeights(keras.callbacks.Callback):
         swapped = _swap_in(opt)
 
         # A step that raises swaps back before the error leaves `evaluate`
-        # or `predict`, which have no try/finally either.
+        # or `predict`, which have no try/finally either. On JAX the step
+        # gets the model's state (its variables are empty meanwhile): that
+        # state goes back into them, unless the failed step consumed it.
         def guarded(*args, **kwargs):
             try:
                 return function(*args, **kwargs)
             except BaseException:
-                _reattach(self.model)
+                _reattach(self.model, args[0] if args else ())
                 self._end_call()
                 raise
 
@@ -184,6 +244,9 @@ class SwapAverageWeights(keras.callbacks.Callback):
         opt, name, function, swapped = self._call
         self._call = None
         setattr(self.model, name, function)
+        # A call that an error ended outside the steps (another callback)
+        # left the state of its last step outside the variables on JAX.
+        _reattach(self.model)
         # Only what this call swapped in, and only if it still is in: a call
         # that ended by an error elsewhere is cleaned up later, safely.
         if swapped:
@@ -199,6 +262,9 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
     the file records the swap, so the file also resumes training correctly.
     With `update_weights=True` the model's weights are set to their averages
     at each save opportunity instead, and training continues from them.
+    Each file is written aside and renamed into place: a process killed
+    mid-save leaves the previous checkpoint whole (and at most a stray
+    `.tmp-<hex>.<name>` next to it), and a save that raises leaves nothing.
 
     With `save_best_only=True`, "best" must be measured on the averages:
     monitor a validation metric and add `SwapAverageWeights` to the same
@@ -261,7 +327,7 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
             self._check_monitor_on_averages()
         if not self.update_weights:
             with opt.averaged_weights():
-                super()._save_model(epoch, batch, logs)
+                self._save_model_atomically(epoch, batch, logs)
             return
         # While swapped in, the optimizer holds the raw weights in place of
         # the averages: swap back before copying the averages in.
@@ -269,7 +335,31 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         opt.assign_average_vars(
             [v for v in self.model.variables if opt.average(v) is not None]
         )
-        super()._save_model(epoch, batch, logs)
+        self._save_model_atomically(epoch, batch, logs)
+
+    def _save_model_atomically(self, epoch, batch, logs):
+        from keras_ema._files import atomic_path
+
+        model = self.model
+        name = "save_weights" if self.save_weights_only else "save"
+        save = getattr(model, name)
+        previous = vars(model).get(name)
+
+        def save_atomically(filepath, *args, **kwargs):
+            with atomic_path(filepath) as temporary:
+                save(temporary, *args, **kwargs)
+
+        # ModelCheckpoint formats the path, decides, reports the path, saves
+        # and rewords errors in one method: wrapping the model's save for
+        # that call only keeps all of it, and writes aside, then renames.
+        setattr(model, name, save_atomically)
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            if previous is None:
+                delattr(model, name)
+            else:
+                setattr(model, name, previous)
 
     def _check_monitor_on_averages(self):
         wrapper = vars(self.model).get("evaluate")
@@ -286,23 +376,60 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
             )
 
 
-def _reattach(model):
+def _reattach(model, state=()):
     """Gives the model's variables back their values after a JAX error.
 
     While JAX's `evaluate` and `predict` run, the trainer keeps the model's
-    state outside its variables; one that raises leaves them empty, and the
-    swap back would fail.
+    state outside its variables: the latest in the model, which
+    `jax_state_sync()` attaches, and the one a step is given, `state` (the
+    values of the trainable, non-trainable, then metrics variables, in the
+    trainer's layout). An error leaves the variables empty. A compiled step
+    that failed consumed the state it was given: the swap back then puts
+    the raw weights back (and warns that the averages in the model are lost).
     """
     if keras.backend.backend() != "jax":
         return
+    # First, also where `state` is given: an error before the first step
+    # finishes leaves the model holding the state of an earlier call (after
+    # `predict_on_batch`, or one that failed), which must not be attached
+    # later, over what `state` gives back. This marks it attached.
     model.jax_state_sync()
-    if any(v.value.is_deleted() for v in model.variables):
-        warnings.warn(
-            "keras-ema: a compiled JAX step failed while the averages were "
-            "swapped in, and consumed their buffers (Keras donates the state "
-            "to each step). The raw weights come back; the lost averages "
-            "restart from them."
-        )
+    groups = (
+        model.trainable_variables,
+        model.non_trainable_variables,
+        model.metrics_variables,
+    )
+    for variables, values in zip(groups, state):
+        values = list(values)
+        if len(values) == len(variables) and not any(
+            _is_deleted(value) for value in values
+        ):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+
+
+def _is_deleted(value):
+    return bool(getattr(value, "is_deleted", lambda: False)())
+
+
+def _running_callbacks(callback):
+    """The callbacks of the `CallbackList` running a hook of `callback`.
+
+    Keras shows a callback neither the others nor its place among them, but
+    `fit` calls each hook from its `CallbackList`, a few frames up. `None`
+    where the hook is called otherwise.
+    """
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList) and any(
+            c is callback for c in owner.callbacks
+        ):
+            return owner.callbacks
+        frame = frame.f_back
+    return None
 
 
 def _swap_in(opt):

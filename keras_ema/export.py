@@ -4,6 +4,7 @@ import os
 
 import keras
 
+from keras_ema._files import atomic_path
 from keras_ema.optimizer import find_in_model
 
 
@@ -20,8 +21,10 @@ def export_averaged(model, filepath):
     Args:
         model: A `keras.Model` compiled with an `ExponentialMovingAverage`
             optimizer (also wrapped in a `LossScaleOptimizer`).
-        filepath: Path of the `.keras` file to write; an existing file is
-            overwritten.
+        filepath: Path of the `.keras` file to write. An existing file is
+            replaced whole, never truncated: the copy is written aside and
+            renamed over it, so a save that fails or is killed leaves it as
+            it was.
 
     Returns:
         The plain copy, a `keras.Model` holding the averages.
@@ -49,5 +52,6 @@ def export_averaged(model, filepath):
     )
     with opt.averaged_weights():
         copy.set_weights(model.get_weights())
-    copy.save(filepath)
+    with atomic_path(filepath) as path:
+        copy.save(path)
     return copy

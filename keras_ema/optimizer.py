@@ -8,9 +8,13 @@ import keras
 from keras import ops
 from keras.src.utils import tracking
 
+from keras_ema import _atomic
 from keras_ema import _averages
 from keras_ema import _checks
+from keras_ema import _model
 from keras_ema import _packing
+from keras_ema import _saving
+from keras_ema import _settings
 from keras_ema import _tf
 from keras_ema import schedules
 
@@ -27,11 +31,18 @@ _ASSIGN_SWAPPED = (
     "swapping back."
 )
 
+_SCHEDULE_FROZEN = (
+    "ExponentialMovingAverage does not support replacing the decay rule "
+    "once training started: the compiled train step keeps the rule it was "
+    "traced with. Received: average_decay={!r}. Instead, set a number (the "
+    "step reads it from a variable), or create the optimizer with this "
+    "`average_decay`."
+)
 
-_PENDING = (
-    "the loaded optimizer holds {} saved averages of non-trainable variables "
-    "that are not attached to the model. Instead, call "
-    "`optimizer.shadow_copy(model)` once after loading."
+_LOST = (
+    "keras-ema: a compiled JAX step failed while the averages were swapped "
+    "in, and consumed their buffers (Keras donates the state to each step). "
+    "The raw weights are back; the lost averages restart from them."
 )
 
 
@@ -64,9 +75,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             the model's non-trainable float variables (BatchNorm statistics).
         average_decay: Float in `[0, 1]`: the decay, the largest one when
             `dynamic_decay` is on. The average spans about
-            `1 / (1 - average_decay)` updates. Or a schedule
-            (`keras_ema.schedules`, or a function `n -> decay`), which then
-            alone decides the decay.
+            `1 / (1 - average_decay)` updates. It can be set at any time,
+            like `learning_rate` (e.g. from a callback), and takes effect
+            from the next update. Or a schedule (`keras_ema.schedules`, or a
+            function `n -> decay`), which then alone decides the decay.
         start_step: Non-negative int. The first `start_step` updates copy
             the weights into the averages instead of averaging.
         dynamic_decay: If `True` (default), a float `average_decay` is capped
@@ -80,6 +92,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             (`re.search`) get no average and are left alone by swaps.
         name: String, the name of the optimizer.
 
+    `trainable_weights_only`, `start_step`, `dynamic_decay`, `update_every`,
+    `average_dtype` and `exclude` can be changed until the averages exist;
+    after that, setting them raises.
+
     Example:
 
     ```python
@@ -92,6 +108,32 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         model.save("model_ema.keras")
     ```
     """
+
+
+    trainable_weights_only = _settings.FixedOnceBuilt(
+        lambda v: _checks.check_bool(v, "trainable_weights_only"),
+        "the averages of the model's variables were chosen with it.",
+    )
+    start_step = _settings.FixedOnceBuilt(
+        lambda v: _checks.check_int(v, "start_step", minimum=0),
+        "the compiled train step reads it once, when it is traced.",
+    )
+    dynamic_decay = _settings.FixedOnceBuilt(
+        lambda v: _checks.check_bool(v, "dynamic_decay"),
+        "the compiled train step reads it once, when it is traced.",
+    )
+    update_every = _settings.FixedOnceBuilt(
+        lambda v: _checks.check_int(v, "update_every", minimum=1),
+        "the compiled train step reads it once, when it is traced.",
+    )
+    average_dtype = _settings.FixedOnceBuilt(
+        lambda v: None if v is None else _checks.check_float_dtype(v),
+        "the averages were created with it.",
+    )
+    exclude = _settings.FixedOnceBuilt(
+        _checks.compile_patterns,
+        "the averages of the model's variables were chosen with it.",
+    )
 
     def __init__(
         self,
@@ -113,32 +155,51 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 "`learning_rate` or `clipnorm` on the wrapped `optimizer`."
             )
         inner = _checks.get_optimizer(optimizer)
-        _checks.check_bool(trainable_weights_only, "trainable_weights_only")
-        _checks.check_bool(dynamic_decay, "dynamic_decay")
-        if isinstance(average_decay, numbers.Real):
-            schedules._check_decay(
-                "ExponentialMovingAverage", "average_decay", average_decay
-            )
-        _checks.check_int(start_step, "start_step", minimum=0)
-        _checks.check_int(update_every, "update_every", minimum=1)
-        if average_dtype is not None:
-            average_dtype = _checks.check_float_dtype(average_dtype)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
         self.trainable_weights_only = trainable_weights_only
-        self.average_decay = average_decay
-        self.start_step = int(start_step)
         self.dynamic_decay = dynamic_decay
-        self.update_every = int(update_every)
+        self.start_step = start_step
+        self.update_every = update_every
         self.average_dtype = average_dtype
-        self.exclude = _checks.compile_patterns(exclude)
-        self._schedule = schedules.get(average_decay, dynamic=dynamic_decay)
+        self.exclude = exclude
         self._averaged = _averages.Averaged()
         self._trained = False
+        self.average_decay = average_decay
         # Python's view of the swap state, kept by eager swaps and loads, so
         # that `apply` can refuse to train on the averages without reading
         # a device variable every step.
         self._swapped_in = False
+
+    # -- the decay ------------------------------------------------------------
+
+    @property
+    def average_decay(self):
+        """The decay: a number, or the schedule given at construction."""
+        return self._average_decay
+
+    @average_decay.setter
+    def average_decay(self, value):
+        number = schedules._is_real(value)
+        if number:
+            value = schedules._check_decay(
+                "ExponentialMovingAverage", "average_decay", value
+            )
+            schedule = None
+        else:
+            schedule = schedules.get(value)
+        old = self.__dict__.get("_average_decay")
+        if self._trained and not (number and schedules._is_real(old)):
+            raise ValueError(_SCHEDULE_FROZEN.format(value))
+        self.__dict__["_average_decay"] = value
+        self.__dict__["_schedule"] = schedule
+        if number and self.built:
+            self._decay.assign(value)
+
+    def _decay_at(self, n):
+        if self._schedule is not None:
+            return ops.cast(self._schedule(n), "float32")
+        return schedules.number_rule(n, self._decay, self.dynamic_decay)
 
     # -- creating averages ----------------------------------------------------
 
@@ -147,6 +208,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         if self.built:
             return
         var_list = list(var_list)
+        # Built by a trainer (`fit`, loading a model): that is its model.
+        model = _model.calling_model()
+        if model is not None and _model.owns(model, var_list):
+            self._register(model)
         self._step = self.add_variable(
             shape=(), dtype="int", aggregation="only_first_replica",
             name="average_step",
@@ -155,24 +220,57 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             shape=(), dtype="int", aggregation="only_first_replica",
             name="averages_swapped_in",
         )
+        decay = self._average_decay if self._schedule is None else 0.0
+        self._decay = self.add_variable(
+            shape=(), dtype="float32", aggregation="only_first_replica",
+            initializer=keras.initializers.Constant(decay),
+            name="average_decay",
+        )
         self.inner_optimizer.build(var_list)
-        averaged = [v for v in var_list if self._should_average(v)]
+        super().build(var_list)
+        self._add_averages([v for v in var_list if self._should_average(v)])
+        model = _model.get(self._averaged)
+        if model is not None:
+            self._add_extra_averages(model)
+        self._start_averages()
+
+    def _add_averages(self, weights):
         packed = {}
         if _packing.enabled():
-            for group in _packing.plan(averaged, lambda v: self._slots(v)[0]):
+            for group in _packing.plan(weights, lambda v: self._slots(v)[0]):
                 pack = self._add_pack(group)
                 for i, weight in enumerate(group):
                     packed[id(weight)] = _packing.PackedAverage(pack, i)
-        for variable in averaged:
+        for variable in weights:
             if id(variable) in packed:
                 self._add_entry(variable, [packed[id(variable)]])
             else:
                 self._add_average(variable)
-        super().build(var_list)
-        if self._averaged.deferred is not None:
-            values, self._averaged.deferred = self._averaged.deferred, None
+
+    def _start_averages(self):
+        """Starts the averages of weights that had no value when they were
+        created, once they have one.
+
+        A model built by its first call, inside the `tf.function` that `fit`
+        or a custom loop traces, has weights without a value in that first
+        trace, where the averages must be created; TensorFlow initializes
+        the weights, then traces the function again: the averages start
+        then, from the weights' real values.
+        """
+        averaged = self._averaged
+        waiting = list(averaged.todo)
+        if averaged.deferred is not None or averaged.deferred_inner is not None:
+            # Loaded values too wait for the variables that take them.
+            waiting += self._variables + self.inner_optimizer.variables
+        if not all(map(_tf.initialized, waiting)):
+            return
+        if averaged.todo:
+            todo = {id(v) for v in averaged.todo}
+            averaged.todo = []
+            entries = [e for e in averaged.entries if id(e[0]) in todo]
             with _tf.eager_scope():
-                self._restore(values)
+                _averages.for_each(self, entries, _averages.start)
+        _saving.restore_deferred(self)
 
     def shadow_copy(self, model):
         """Creates the averages of a model's weights, if not done yet.
@@ -181,26 +279,43 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         Call this after `compile()` and before training to create them
         explicitly, and, when `trainable_weights_only=False`, to also average
         the model's non-trainable float variables (BatchNorm statistics),
-        which the optimizer does not see otherwise. After loading a file
-        saved with such averages, call it once to attach them. Calling it
-        again is harmless.
+        which the optimizer does not see otherwise. A model that is not
+        built yet (a `Sequential` without `Input`) gets its averages when
+        its weights exist, in its first training step. After loading a file
+        saved with averages of non-trainable variables, call it once to
+        attach them. Calling it again is harmless.
 
         Args:
             model: The `keras.Model` (or layer) whose weights to average.
         """
+        _checks.check_model(model, "shadow_copy")
         with _tf.strategy_scope(self):
-            self._shadow_copy(model)
+            self._register(model)
+            if not model.variables:
+                return
+            if not self.built:
+                self.build(model.trainable_variables)
+            self._add_extra_averages(model)
+            self._start_averages()
 
-    def _shadow_copy(self, model):
-        if not self.built:
-            self.build(model.trainable_variables)
-        candidates = (
-            model.trainable_variables
-            if self.trainable_weights_only
-            else model.variables
-        )
+    def _register(self, model):
+        known = _model.get(self._averaged)
+        if known is model:
+            return
+        if known is not None or (
+            self.built and not _model.owns(model, self._trainable_variables)
+        ):
+            raise _model.other_model_error(self, model, known or model)
+        _model.register(self._averaged, model)
+        if _tf.executing_eagerly():
+            _model.install_guard(model, self)
+
+    def _add_extra_averages(self, model):
+        """The averages of the model's non-trainable variables, if asked."""
+        if self.trainable_weights_only:
+            return
         new = [
-            v for v in candidates
+            v for v in model.non_trainable_variables
             if self._should_average(v) and self.average(v) is None
         ]
         if new and self._trained:
@@ -210,26 +325,9 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 f"{_paths(new)}. Instead, call `shadow_copy(model)` right "
                 "after `compile()`, before the first `fit`."
             )
-        pending = self._averaged.pending
-        if pending is not None:
-            shapes = [tuple(v.shape) for v in new for _ in self._slots(v)]
-            if shapes != [tuple(p.shape) for p in pending]:
-                raise ValueError(
-                    f"The loaded optimizer holds {len(pending)} saved "
-                    "averages of non-trainable variables that do not match "
-                    f"the variables of {model.name!r} without an average. "
-                    "Instead, call `shadow_copy` with the model that was "
-                    "saved together with this optimizer."
-                )
-            pending = iter(pending)
+        saved = _saving.take_pending(self, new)
         for variable in new:
-            self._add_average(variable, pending, extra=True)
-        self._averaged.pending = None
-        if self._averaged.extra and keras.backend.backend() == "jax":
-            from keras_ema import _jax
-
-            # Inside `fit` the optimizer never sees these variables' values.
-            _jax.install_train_step(model, self)
+            self._add_average(variable, saved, extra=True)
 
     @property
     def has_shadow_copy(self):
@@ -245,6 +343,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         `numpy()`, `dtype`, `shape` and `assign`, usable in Keras ops and
         `np.asarray`.
         """
+        self._start_averages()
         i = self._averaged.index.get(self._var_key(variable))
         return None if i is None else self._averaged.entries[i][1]
 
@@ -254,7 +353,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             dtype in _checks.FLOATS
             # Overwritten by their gradient (e.g. float8 scales): not weights.
             and not self._overwrite_variable_with_gradient(variable)
-            and not any(p.search(variable.path) for p in self.exclude)
+            and not any(p.search(_path(variable)) for p in self.exclude)
         )
 
     def _slots(self, variable):
@@ -268,12 +367,17 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
 
     def _add_average(self, variable, saved=None, extra=False):
         slots = []
+        started = saved is not None or _tf.initialized(variable)
+        if not started:
+            self._averaged.todo.append(variable)
         for dtype, suffix in zip(self._slots(variable), ("average", "raw")):
             value = variable if saved is None else next(saved)
 
             def initializer(shape, dtype, value=value):
+                if not started:
+                    return ops.zeros(shape, dtype)
                 # An explicit copy: on torch a same-dtype cast aliases storage.
-                return ops.copy(ops.cast(value, dtype))
+                return ops.copy(ops.cast(_averages.value(value), dtype))
 
             # Created eagerly, also when `fit` builds the optimizer while tracing
             # its step: a variable created in the trace keeps its initial value
@@ -285,7 +389,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                     shape=variable.shape,
                     initializer=initializer,
                     dtype=dtype,
-                    name=f"{variable.path.replace('/', '_')}_{suffix}",
+                    name=f"{_path(variable).replace('/', '_')}_{suffix}",
                     layout=getattr(variable, "_layout", None),
                 ))
         self._add_entry(variable, slots)
@@ -295,8 +399,12 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
     def _add_pack(self, weights):
         """One flat variable for the averages of `weights` (`_packing.py`)."""
         pack = _packing.Pack(weights)
+        unstarted = [w for w in weights if not _tf.initialized(w)]
+        self._averaged.todo.extend(unstarted)
 
         def initializer(shape, dtype):
+            if unstarted:
+                return ops.zeros(shape, dtype)
             return ops.cast(pack.join(weights), dtype)
 
         with _tf.eager_scope(), _tf.colocate_with(self, weights[0]):
@@ -334,8 +442,12 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                     "is called without `trainable_variables`. Instead, pass "
                     "`trainable_variables` or call `build(variables)` first."
                 )
-            self.build(trainable_variables)
-        self._check_pending("train")
+            with _tf.strategy_scope(self):
+                self.build(trainable_variables)
+        elif trainable_variables is not None:
+            self._check_known(trainable_variables)
+        self._start_averages()
+        _saving.check_no_pending(self, "train")
         if self._swapped_in:
             raise ValueError(_SWAPPED_IN)
         self._trained = True
@@ -348,6 +460,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             [self.inner_optimizer.iterations, *grads],
             small=_packing.WEIGHT_LIMIT,
             bunch=_packing.PACK_LIMIT,
+            never=_tf.UNINITIALIZED if self._averaged.todo else None,
         )
         # Did the inner optimizer really update? One rule covers gradient
         # accumulation (its `iterations` counts real updates only) and an
@@ -357,16 +470,36 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         moved = ops.not_equal(self.inner_optimizer.iterations, before)
         self._update_averages(moved)
 
+    def _check_known(self, variables):
+        unknown = [
+            v for v in variables
+            if self._var_key(v) not in self._trainable_variables_indices
+        ]
+        if unknown:
+            model = _model.get(self._averaged)
+            raise ValueError(
+                "ExponentialMovingAverage does not support training "
+                f"variables it was not built with: {_paths(unknown)}"
+                + (f" (it averages the weights of {model.name!r})"
+                   if model is not None else "")
+                + ". Instead, compile each model with its own optimizer, "
+                "e.g. `keras_ema.ExponentialMovingAverage.from_config("
+                "opt.get_config())`."
+            )
+
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if keras.backend.backend() != "jax":
             return super().stateless_apply(
                 optimizer_variables, grads, trainable_variables
             )
-        # Nothing may raise here: JAX's `fit` has already taken the model's
-        # state out of its variables, and an exception would lose it. The
-        # compiled step refuses to train on swapped-in averages by itself.
-        if self._averaged.pending is not None:
-            warnings.warn(_PENDING.format(len(self._averaged.pending)))
+        model, known = _model.calling_model(), _model.get(self._averaged)
+        if model is not None and known is not None and model is not known:
+            raise _model.other_model_error(self, model, known)
+        # Nothing else may raise here: JAX's `fit` has already taken the
+        # model's state out of its variables, and an exception would lose
+        # it. The compiled step refuses to train on swapped-in averages by
+        # itself.
+        _saving.warn_pending(self)
         self._trained = True
         from keras_ema import _jax
 
@@ -385,7 +518,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         """Moves the averages of `entries` for real-update count `step`."""
         since_start = ops.subtract(step, self.start_step)
         n = ops.maximum(ops.subtract(since_start, 1), 0)
-        decay = ops.cast(self._schedule(n), "float32")
+        decay = self._decay_at(n)
         averaging = ops.logical_and(moved, ops.greater(since_start, 0))
         if self.update_every > 1:
             decay = ops.power(decay, self.update_every)
@@ -410,19 +543,45 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         """Exchanges the averaged variables with their averages, exactly.
 
         Swapping twice restores every bit of weights and averages. Works
-        eagerly and inside a `tf.function`. Prefer `averaged_weights()`,
-        which swaps back for you.
+        eagerly and inside a `tf.function`. All or nothing: an exception or
+        a Ctrl-C that arrives during the swap takes effect once it is
+        complete. Prefer `averaged_weights()`, which swaps back for you.
         """
         self._check_ready("swap_weights")
+        if not _tf.executing_eagerly():
+            self._swap()
+            return
+        with _atomic.deferred_signals():
+            going_in = not self.averages_swapped_in
+            lost = self._lost_weights(going_in)
+            self._swap()
+            # An eager `strategy.run` runs this once per replica: set, not
+            # flip.
+            self._swapped_in = going_in
+        if lost:
+            warnings.warn(_LOST)
+
+    def _swap(self):
         swapped = ops.copy(self._swapped)
         _averages.for_each(
             self, self._averaged.entries, _averages.swap, swapped
         )
         self._swapped.assign(ops.subtract(1, swapped))
-        if _tf.executing_eagerly():
-            # Traced, this line would run once per trace, not once per swap;
-            # an eager `strategy.run` runs it once per replica: set, not flip.
-            self._swapped_in = not bool(ops.convert_to_numpy(swapped))
+
+    def _lost_weights(self, going_in):
+        """Model variables that a JAX trainer left without a value."""
+        lost = [e[0] for e in self._averaged.entries if _averages.is_lost(e[0])]
+        if lost:
+            _model.sync(self._averaged)
+            lost = [v for v in lost if _averages.is_lost(v)]
+        if lost and going_in:
+            raise ValueError(
+                "ExponentialMovingAverage cannot swap the averages in: "
+                f"{_paths(lost)} hold no value (a JAX `fit`, `evaluate` or "
+                "`predict` that raised left them cleared). Instead, call "
+                "`model.jax_state_sync()` first."
+            )
+        return lost
 
     @property
     def averages_swapped_in(self):
@@ -437,8 +596,8 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         """Context manager: the averages are in the model inside the block.
 
         The training weights come back, bit for bit, when the block ends,
-        also when it raises. If the averages are already swapped in, the
-        block leaves them there.
+        also when it raises or is interrupted. If the averages are already
+        swapped in, the block leaves them there.
 
         Example:
 
@@ -449,45 +608,55 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         ```
         """
         self._check_ready("averaged_weights")
-        if self.averages_swapped_in:
-            yield
-            return
-        self.swap_weights()
+        was_in = self.averages_swapped_in
         try:
+            if not was_in:
+                self.swap_weights()
             yield
         finally:
-            # Something inside the block may have swapped back already.
-            if self.averages_swapped_in:
+            # Whatever happened in between, even an interrupt before the
+            # swap returned: the state the block found is the state it
+            # leaves.
+            if not was_in and self.averages_swapped_in:
                 self.swap_weights()
 
     def assign_average_vars(self, var_list):
         """Overwrites each variable of `var_list` with its average.
 
         Unlike `swap_weights`, the variables' current values are lost.
-        Non-trainable variables with an average are set too.
+        Non-trainable variables with an average are set too. Variables that
+        this optimizer does not average by its settings (non-float ones such
+        as a Dropout seed, those matched by `exclude`, non-trainable ones
+        under `trainable_weights_only=True`) are skipped, so
+        `assign_average_vars(model.variables)` works. All or nothing, as
+        `swap_weights`.
 
         Args:
-            var_list: Variables that have an average, e.g.
-                `model.trainable_variables`.
+            var_list: Variables, e.g. `model.variables`.
         """
         self._check_ready("assign_average_vars")
+        var_list = _checks.check_variables(var_list, "assign_average_vars")
         if _tf.executing_eagerly() and self.averages_swapped_in:
             raise ValueError(_ASSIGN_SWAPPED)
-        var_list = list(var_list)
-        missing = [v for v in var_list if self.average(v) is None]
+        chosen, missing = [], []
+        for v in var_list:
+            if self.average(v) is not None:
+                chosen.append(v)
+            elif self._should_average(v) and (
+                v.trainable or not self.trainable_weights_only
+            ):
+                missing.append(v)
         if missing:
             raise ValueError(
-                "`assign_average_vars` got variables that have no average: "
-                f"{_paths(missing)}. Instead, pass only averaged variables "
-                "(see `average(variable)`), or create their averages with "
-                "`shadow_copy(model)` (`trainable_weights_only=False` for "
-                "non-trainable ones)."
+                "`assign_average_vars` got variables that should have an "
+                f"average but have none: {_paths(missing)}. Instead, pass "
+                "the variables of the model this optimizer trains, or create "
+                "their averages with `shadow_copy(model)` "
+                "(`trainable_weights_only=False` for non-trainable ones)."
             )
-        entries = [
-            self._averaged.entries[self._averaged.index[self._var_key(v)]]
-            for v in var_list
-        ]
-        with self._not_swapped_in(_ASSIGN_SWAPPED):
+        index = self._averaged.index
+        entries = [self._averaged.entries[index[self._var_key(v)]] for v in chosen]
+        with self._not_swapped_in(_ASSIGN_SWAPPED), _atomic.deferred_signals():
             _averages.for_each(self, entries, _averages.assign)
 
     def _not_swapped_in(self, message=_SWAPPED_IN):
@@ -495,17 +664,13 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         averages are swapped in."""
         if self._swapped_in:
             raise ValueError(message)
+        if not self.built:
+            return contextlib.nullcontext()
         return _tf.check_zero(self._swapped, message)
 
-    def _check_pending(self, what):
-        if self._averaged.pending is not None:
-            raise ValueError(
-                f"`{what}` cannot run yet: "
-                + _PENDING.format(len(self._averaged.pending))
-            )
-
     def _check_ready(self, what):
-        self._check_pending(what)
+        self._start_averages()
+        _saving.check_no_pending(self, what)
         if not self.has_shadow_copy:
             raise ValueError(
                 f"`{what}` needs averages, but none exist yet. Instead, call "
@@ -532,60 +697,20 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
 
-    # -- saving ---------------------------------------------------------------
-
-    def _saved_variables(self):
-        """`variables` with each pack replaced by its averages, in the order
-        of the unpacked layout: a file holds one entry per average."""
-        averaged = self._averaged
-        extra_ids = {id(v) for v in averaged.extra}
-        slots = [
-            s for _, average, backup in averaged.entries
-            for s in (average, backup)
-            if s is not None and id(s) not in extra_ids
-        ]
-        stored = {id(s) for s in slots} | extra_ids | {
-            id(p.buffer) for p in averaged.packs
-        }
-        own = [v for v in self._variables if id(v) not in stored]
-        return own + slots + self.inner_optimizer.variables + averaged.extra
+    # -- saving (`_saving.py`) ------------------------------------------------
 
     def save_own_variables(self, store):
-        for i, variable in enumerate(self._saved_variables()):
-            store[str(i)] = variable.numpy()
+        self._start_averages()
+        _saving.save(self, store)
 
     def load_own_variables(self, store):
-        values = [store[str(i)][...] for i in range(len(store.keys()))]
-        if self.built:
-            self._restore(values)
-        else:
-            # Keras' own optimizers skip loading with a warning here; these
-            # values wait for `build` instead.
-            self._averaged.deferred = values
-
-    def _restore(self, values):
-        variables = self._saved_variables()
-        extra = len(values) - len(variables)
-        if extra < 0 or (extra and self._averaged.extra):
-            raise ValueError(
-                f"Cannot load the saved ExponentialMovingAverage: it holds "
-                f"{len(values)} variables where this one holds "
-                f"{len(variables)}. Instead, load into an optimizer built for "
-                "the same model, with the same `trainable_weights_only` and "
-                "`exclude`."
-            )
-        _packing.assign_all(variables, values[: len(variables)])
-        if extra:
-            # Averages of non-trainable variables: the model variables they
-            # belong to are unknown here; `shadow_copy(model)` attaches them.
-            self._averaged.pending = values[len(variables):]
-        self._swapped_in = bool(ops.convert_to_numpy(self._swapped))
+        _saving.load(self, store)
 
     def get_config(self):
         # Not super().get_config(): the base optimizer arguments belong to
         # the inner optimizer.
         average_decay = self.average_decay
-        if not isinstance(average_decay, numbers.Real):
+        if not schedules._is_real(average_decay):
             average_decay = schedules.serialize(average_decay)
         return {
             "name": self.name,
@@ -633,5 +758,9 @@ def find_in_model(model, user):
     return found
 
 
+def _path(variable):
+    return _averages.path(variable)
+
+
 def _paths(variables):
-    return ", ".join(v.path for v in variables)
+    return ", ".join(_path(v) for v in variables)

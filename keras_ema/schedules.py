@@ -116,7 +116,7 @@ class Constant(DecaySchedule):
         self.decay = _check_decay(type(self).__name__, "decay", decay)
 
     def __call__(self, step):
-        return ops.convert_to_tensor(self.decay, "float32")
+        return number_rule(step, self.decay, dynamic=False)
 
     def get_config(self):
         return {"decay": self.decay}
@@ -149,8 +149,7 @@ class Dynamic(DecaySchedule):
         self.max_decay = _check_decay(owner, "max_decay", max_decay)
 
     def __call__(self, step):
-        n = ops.cast(step, "float32")
-        return ops.minimum((1.0 + n) / (10.0 + n), self.max_decay)
+        return number_rule(step, self.max_decay, dynamic=True)
 
     def get_config(self):
         return {"max_decay": self.max_decay}
@@ -239,6 +238,20 @@ class HalfLife(Constant):
 
     def get_config(self):
         return {"half_life": self.half_life}
+
+
+def number_rule(step, decay, dynamic):
+    """The decay of update `step` for a number `average_decay`.
+
+    `decay` is the number, or the scalar variable that holds it (so that it
+    can change inside a compiled train step): `Constant(decay)` if not
+    `dynamic`, else `Dynamic(decay)`.
+    """
+    decay = ops.cast(decay, "float32")
+    if not dynamic:
+        return decay
+    n = ops.cast(step, "float32")
+    return ops.minimum((1.0 + n) / (10.0 + n), decay)
 
 
 def serialize(schedule):

@@ -321,12 +321,28 @@ def test_model_weights_are_not_tracked_as_optimizer_variables():
 
 
 def test_shadow_copy_after_training_started_raises_instead_of_never_updating():
+    # A custom loop builds the optimizer from the trainable weights only.
     model = small_model(batchnorm=True)
+    model.build((None, 4))
     opt = ExponentialMovingAverage("sgd", trainable_weights_only=False)
-    model.compile(optimizer=opt, loss="mse")
-    model.fit(*regression_data(), epochs=1, verbose=0)
+    variables = model.trainable_variables
+    compiled_step(opt, [keras.ops.zeros_like(v) for v in variables], variables)
     with pytest.raises(ValueError, match="before the first `fit`"):
         opt.shadow_copy(model)
+
+
+def test_fit_averages_the_batchnorm_statistics_without_shadow_copy():
+    model = small_model(batchnorm=True)
+    opt = ExponentialMovingAverage("sgd", trainable_weights_only=False,
+                                   average_decay=0.0, dynamic_decay=False)
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(*regression_data(), epochs=1, verbose=0)
+    moving_mean = model.layers[1].moving_mean
+    assert opt.average(moving_mean) is not None
+    # Decay 0: each average equals its variable after every update.
+    np.testing.assert_array_equal(bits(opt.average(moving_mean)),
+                                  bits(moving_mean))
+    assert np.abs(numpy(moving_mean)).max() > 0
 
 
 # -- model.fit, forwarding, mixed precision ----------------------------------
@@ -420,18 +436,28 @@ def test_keras_file_round_trip_restores_averages_bit_for_bit(tmp_path):
     _assert_same_averages(model, opt, loaded, loaded.optimizer)
 
 
-def test_keras_file_keeps_non_trainable_averages_and_asks_for_shadow_copy(
-    tmp_path,
-):
+def test_keras_file_restores_non_trainable_averages(tmp_path):
     model, opt = _trained(batchnorm=True, trainable_weights_only=False)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    with pytest.raises(ValueError, match=r"shadow_copy\(model\)"):
-        loaded.optimizer.swap_weights()
-    loaded.optimizer.shadow_copy(loaded)
+    # Loading builds the optimizer for the loaded model, BatchNorm included.
     _assert_same_averages(model, opt, loaded, loaded.optimizer)
     bn = loaded.get_layer(index=1)
     assert loaded.optimizer.average(bn.moving_mean) is not None
+
+
+def test_averages_of_non_trainable_weights_wait_for_shadow_copy(tmp_path):
+    model, opt = _trained(batchnorm=True, trainable_weights_only=False)
+    model.save_weights(tmp_path / "m.weights.h5")
+    fresh = small_model(batchnorm=True)
+    fresh_opt = ExponentialMovingAverage.from_config(opt.get_config())
+    fresh_opt.build(fresh.trainable_variables)  # no model known
+    fresh.compile(optimizer=fresh_opt, loss="mse")
+    fresh.load_weights(tmp_path / "m.weights.h5")
+    with pytest.raises(ValueError, match=r"shadow_copy\(model\)"):
+        fresh_opt.swap_weights()
+    fresh_opt.shadow_copy(fresh)
+    _assert_same_averages(model, opt, fresh, fresh_opt)
 
 
 def test_save_weights_restores_averages(tmp_path):
@@ -678,5 +704,8 @@ def test_assign_average_vars_names_the_variables_without_average():
     model.compile(optimizer=opt, loss="mse")
     model.build((None, 4))
     opt.shadow_copy(model)
-    with pytest.raises(ValueError, match="moving_mean.*moving_variance"):
-        opt.assign_average_vars(model.variables)
+    other = small_model()
+    other.build((None, 4))
+    kernel = other.trainable_variables[0]
+    with pytest.raises(ValueError, match=kernel.path):
+        opt.assign_average_vars(model.variables + [kernel])

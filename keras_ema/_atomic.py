@@ -1,0 +1,59 @@
+"""All-or-nothing sections: swaps that a Ctrl-C cannot cut in half.
+
+An eager swap assigns variables one by one from Python, and a
+`KeyboardInterrupt` (or any exception raised by a signal handler, such as one
+installed for `SIGALRM`) can land between any two bytecodes: half the model
+would hold averages, and on a swap some raw weights would exist nowhere.
+`deferred_signals()` runs its block with every Python-level signal handler
+replaced by one that only records the signal; when the block ends, the
+recorded signals are handed to their own handlers, in order, so the user's
+Ctrl-C still raises, just after the swap is complete.
+
+Python runs signal handlers in the main thread only, so elsewhere there is
+nothing to defer. Within a traced `tf.function` a swap is one graph run and
+needs no deferral; eager code is what this protects.
+"""
+
+import contextlib
+import signal
+import threading
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Runs the block with the process' signal handlers deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def record(signum, frame):
+        received.append((signum, frame))
+
+    previous = {}
+    try:
+        for signum in _handled_signals():
+            previous[signum] = signal.signal(signum, record)
+        yield
+    finally:
+        # A signal that arrives while the handlers are put back is recorded
+        # or handled by its own handler: either way it is not lost.
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum, frame in received:
+            handler = previous.get(signum)
+            if callable(handler):
+                handler(signum, frame)
+
+
+def _handled_signals():
+    """The signals whose Python handler may raise in the main thread."""
+    signums = []
+    for signum in signal.valid_signals():
+        try:
+            handler = signal.getsignal(signum)
+        except (OSError, ValueError):
+            continue
+        if callable(handler):
+            signums.append(signum)
+    return signums

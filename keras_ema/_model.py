@@ -1,0 +1,102 @@
+"""The model whose weights an `ExponentialMovingAverage` averages.
+
+Keras gives an optimizer no handle on its model: `compile` only stores the
+optimizer on the model, and the trainers hand the optimizer variables or
+their values. The optimizer learns its model from `shadow_copy(model)`, or,
+when a trainer builds it (`fit` on JAX and torch, and on TensorFlow under a
+distribution strategy), from the trainer's frame: the only place that knows
+the model then. Knowing it, the optimizer
+
+- refuses a second model before anything moves (on JAX the trainer passes
+  values only, so the caller of the compiled step is checked);
+- guards the model's train step, so that a step refused because the
+  averages are swapped in changes nothing, not even the BatchNorm statistics
+  that the forward pass moves before the optimizer is called;
+- puts a JAX model's variables back (`jax_state_sync`) before a swap, after
+  an `evaluate` or `predict` that raised left them cleared.
+
+The model is held by a weak reference: the optimizer does not keep it alive.
+"""
+
+import sys
+import weakref
+
+import keras
+
+_SEARCH_DEPTH = 4
+
+
+def calling_model(skip=1):
+    """The `keras.Model` whose method called the caller, if any."""
+    frame = sys._getframe(skip + 1)
+    for _ in range(_SEARCH_DEPTH):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, keras.Model):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def owns(model, variables):
+    """Whether `variables` are exactly `model`'s trainable variables."""
+    return [id(v) for v in model.trainable_variables] == [
+        id(v) for v in variables
+    ]
+
+
+def get(averaged):
+    """The registered model of an `_averages.Averaged` holder, or None."""
+    ref = averaged.model
+    return None if ref is None else ref()
+
+
+def register(averaged, model):
+    averaged.model = weakref.ref(model)
+
+
+def other_model_error(optimizer, model, known):
+    return ValueError(
+        f"ExponentialMovingAverage does not support training a second "
+        f"model: {optimizer.name!r} averages the weights of "
+        f"{known.name!r} and cannot average those of {model.name!r} too. "
+        "Instead, compile each model with its own optimizer, e.g. "
+        "`keras_ema.ExponentialMovingAverage.from_config(opt.get_config())`."
+    )
+
+
+def sync(averaged):
+    """Puts a JAX model's cleared variables back from its trainer state."""
+    model = get(averaged)
+    if model is not None and keras.backend.backend() == "jax":
+        model.jax_state_sync()
+
+
+def install_guard(model, optimizer):
+    """Wraps `model.train_step` so that a refused step changes nothing.
+
+    Keras has no hook that runs before a train step's forward pass, where the
+    BatchNorm statistics move; wrapping the instance's `train_step` (as
+    Keras' own `jax_state_sync` users do with callbacks) is the one place.
+    """
+    if getattr(vars(model).get("train_step"), "_keras_ema", None) is optimizer:
+        return
+    backend = keras.backend.backend()
+    original = model.train_step
+    if backend == "jax":
+        from keras_ema import _jax
+
+        train_step = _jax.guarded_train_step(model, optimizer, original)
+    else:
+
+        def train_step(data):
+            with optimizer._not_swapped_in():
+                return original(data)
+
+    train_step._keras_ema = optimizer
+    model.train_step = train_step
+    if getattr(model, "train_function", None) is not None:
+        # `make_train_function` bound the old `train_step`; rebuild it
+        # rather than drop it, as `fit` builds it before `on_train_begin`.
+        model.make_train_function(force=True)
