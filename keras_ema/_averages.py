@@ -46,6 +46,8 @@ class Averaged:
         self.model = None
         # The inner optimizer's saved values, read before it was built.
         self.deferred_inner = None
+        # Another model whose JAX `fit` called this optimizer (`_model.py`).
+        self.foreign = None
 
 
 def for_each(optimizer, entries, fn, *args, when=None):

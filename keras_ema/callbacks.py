@@ -138,10 +138,10 @@ class SwapAverageWeights(keras.callbacks.Callback):
             if i > mine and self.end_with_averages and not self.swap_on_epoch:
                 raise ValueError(
                     "SwapAverageWeights(end_with_averages=True) does not "
-                    "support EarlyStopping(restore_best_weights=True) after it "
-                    "in `callbacks` without `swap_on_epoch=True`: "
-                    "EarlyStopping would restore the best raw weights over the "
-                    "averages. Instead, place SwapAverageWeights after "
+                    "support EarlyStopping(restore_best_weights=True) after "
+                    "it in `callbacks` without `swap_on_epoch=True`: "
+                    "EarlyStopping would restore the best raw weights over "
+                    "the averages. Instead, place SwapAverageWeights after "
                     "EarlyStopping, to swap the averages in over the best raw "
                     "weights, or set `swap_on_epoch=True` to restore the best "
                     "averages."

@@ -212,21 +212,25 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         model = _model.calling_model()
         if model is not None and _model.owns(model, var_list):
             self._register(model)
-        self._step = self.add_variable(
-            shape=(), dtype="int", aggregation="only_first_replica",
-            name="average_step",
-        )
-        self._swapped = self.add_variable(
-            shape=(), dtype="int", aggregation="only_first_replica",
-            name="averages_swapped_in",
-        )
-        decay = self._average_decay if self._schedule is None else 0.0
-        self._decay = self.add_variable(
-            shape=(), dtype="float32", aggregation="only_first_replica",
-            initializer=keras.initializers.Constant(decay),
-            name="average_decay",
-        )
-        self.inner_optimizer.build(var_list)
+        # Created eagerly, also when `fit` builds the optimizer while tracing
+        # its step, so that values loaded before (a file read into an
+        # optimizer not built yet) can be restored right away.
+        with _tf.eager_scope():
+            self._step = self.add_variable(
+                shape=(), dtype="int", aggregation="only_first_replica",
+                name="average_step",
+            )
+            self._swapped = self.add_variable(
+                shape=(), dtype="int", aggregation="only_first_replica",
+                name="averages_swapped_in",
+            )
+            decay = self._average_decay if self._schedule is None else 0.0
+            self._decay = self.add_variable(
+                shape=(), dtype="float32", aggregation="only_first_replica",
+                initializer=keras.initializers.Constant(decay),
+                name="average_decay",
+            )
+            self.inner_optimizer.build(var_list)
         super().build(var_list)
         self._add_averages([v for v in var_list if self._should_average(v)])
         model = _model.get(self._averaged)
@@ -258,11 +262,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         then, from the weights' real values.
         """
         averaged = self._averaged
-        waiting = list(averaged.todo)
-        if averaged.deferred is not None or averaged.deferred_inner is not None:
-            # Loaded values too wait for the variables that take them.
-            waiting += self._variables + self.inner_optimizer.variables
-        if not all(map(_tf.initialized, waiting)):
+        if not all(map(_tf.initialized, averaged.todo)):
             return
         if averaged.todo:
             todo = {id(v) for v in averaged.todo}
@@ -492,17 +492,23 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             return super().stateless_apply(
                 optimizer_variables, grads, trainable_variables
             )
-        model, known = _model.calling_model(), _model.get(self._averaged)
-        if model is not None and known is not None and model is not known:
-            raise _model.other_model_error(self, model, known)
-        # Nothing else may raise here: JAX's `fit` has already taken the
-        # model's state out of its variables, and an exception would lose
-        # it. The compiled step refuses to train on swapped-in averages by
-        # itself.
-        _saving.warn_pending(self)
-        self._trained = True
         from keras_ema import _jax
 
+        # Nothing may raise here: JAX's `fit` has already taken the state of
+        # the model and of this optimizer out of their variables, and an
+        # exception would lose it. A step for another model changes nothing
+        # and `fit` raises at its end (`finalize_variable_values`); a step
+        # on swapped-in averages refuses by itself.
+        model, known = _model.calling_model(), _model.get(self._averaged)
+        if model is not None and known is not None and model is not known:
+            self._averaged.foreign = model
+            warnings.warn(str(_model.other_model_error(self, model, known)))
+            return (
+                [_jax._read(v) for v in trainable_variables],
+                [_jax._read(v) for v in optimizer_variables],
+            )
+        _saving.warn_pending(self)
+        self._trained = True
         return _jax.stateless_apply(
             self, optimizer_variables, grads, trainable_variables
         )
@@ -695,6 +701,11 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
+        # `fit` calls this at its end with its model's weights, also on JAX,
+        # where its steps for another model changed nothing.
+        foreign, self._averaged.foreign = self._averaged.foreign, None
+        if foreign is not None:
+            raise _model.other_model_error(self, foreign, _model.get(self._averaged))
         self.inner_optimizer.finalize_variable_values(var_list)
 
     # -- saving (`_saving.py`) ------------------------------------------------

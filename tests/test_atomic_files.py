@@ -164,6 +164,10 @@ def _serve(folder, fmt):
     before forking: each saver starts clean, and twenty kills do not cost
     twenty imports of the backend.
     """
+    # The first serialization imports Keras' optional modules (TensorFlow,
+    # when installed, on every backend): seconds each saver would spend
+    # before its first file is even open.
+    keras.saving.serialize_keras_object(keras.layers.Dense(1))
     for line in sys.stdin:
         pid = os.fork()
         if pid == 0:

@@ -163,7 +163,8 @@ def test_restore_best_weights_restores_what_it_saw_in_every_sound_order(
     case, stop_mid_epoch
 ):
     order, swap_on_epoch, end_with_averages = case
-    in_model, swapped_in, raw_after, averages_after = _EARLY_STOPPING_ENDS[case]
+    ends = _EARLY_STOPPING_ENDS[case]
+    in_model, swapped_in, raw_after, averages_after = ends
     model, opt = _compiled()
     record, early = _Record(), _early_stopping()
     swap = SwapAverageWeights(swap_on_epoch, end_with_averages)
@@ -188,15 +189,15 @@ def test_restore_best_weights_restores_what_it_saw_in_every_sound_order(
 
 
 @pytest.mark.parametrize("case", sorted(_EARLY_STOPPING_ERRORS), ids=_case_id)
-def test_an_unsound_order_with_restore_best_weights_is_an_error_before_training(
+def test_an_unsound_order_with_restore_best_weights_fails_before_training(
     case
 ):
     order, swap_on_epoch, end_with_averages = case
     model, opt = _compiled()
-    model.build((None, 4))
     initial = _weights(model)
     swap = SwapAverageWeights(swap_on_epoch, end_with_averages)
-    with pytest.raises(ValueError, match=_EARLY_STOPPING_ERRORS[case]) as error:
+    expected = _EARLY_STOPPING_ERRORS[case]
+    with pytest.raises(ValueError, match=expected) as error:
         _fit(model, _in_order(order, swap, [_early_stopping()]))
     assert "Instead, place SwapAverageWeights" in str(error.value)
     assert opt.iterations.numpy() == 0
