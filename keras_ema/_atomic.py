@@ -57,3 +57,36 @@ def _handled_signals():
         if callable(handler):
             signums.append(signum)
     return signums
+
+
+class SwappedIn:
+    """`optimizer.averaged_weights()`: the averages in, for the block.
+
+    A class, not a generator: `contextlib`'s `__enter__` runs code after the
+    generator's swap, where an interrupt would leave the averages in with no
+    `__exit__` to come. Here an interrupt anywhere in `__enter__` swaps back
+    before it propagates.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.was_in = None
+
+    def __enter__(self):
+        self.was_in = self.optimizer.averages_swapped_in
+        try:
+            if not self.was_in:
+                self.optimizer.swap_weights()
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc_info):
+        self._restore()
+        return False
+
+    def _restore(self):
+        # Whatever happened in the block (it may have swapped back itself),
+        # it leaves the state it found.
+        if not self.was_in and self.optimizer.averages_swapped_in:
+            self.optimizer.swap_weights()

@@ -28,7 +28,9 @@ import numpy as np
 from keras import ops
 
 from keras_ema import _averages
+from keras_ema import _creating
 from keras_ema import _packing
+from keras_ema import schedules
 
 _LAYOUT = "layout"
 _PENDING = (
@@ -104,7 +106,7 @@ def take_pending(optimizer, new):
     layouts, values = pending
     wanted = [
         (_path(v), list(v.shape), dtype)
-        for v in new for dtype in optimizer._slots(v)
+        for v in new for dtype in _creating.slots(optimizer, v)
     ]
     saved = [(e["path"], e["shape"], e["dtype"]) for e in layouts]
     if [w[1:] for w in wanted] != [s[1:] for s in saved]:
@@ -274,3 +276,36 @@ def _describe(items):
 
 def _path(variable):
     return _averages.path(variable)
+
+
+def get_config(optimizer):
+    # Not the base optimizer's config: its arguments belong to the inner
+    # optimizer.
+    average_decay = optimizer.average_decay
+    if not schedules._is_real(average_decay):
+        average_decay = schedules.serialize(average_decay)
+    return {
+        "name": optimizer.name,
+        "optimizer": keras.saving.serialize_keras_object(
+            optimizer.inner_optimizer
+        ),
+        "trainable_weights_only": optimizer.trainable_weights_only,
+        "average_decay": average_decay,
+        "start_step": optimizer.start_step,
+        "dynamic_decay": optimizer.dynamic_decay,
+        "update_every": optimizer.update_every,
+        "average_dtype": optimizer.average_dtype,
+        "exclude": [p.pattern for p in optimizer.exclude],
+    }
+
+
+def from_config(cls, config, custom_objects=None):
+    config = dict(config)  # never mutate the caller's dict
+    config["optimizer"] = keras.saving.deserialize_keras_object(
+        config["optimizer"], custom_objects=custom_objects
+    )
+    if isinstance(config.get("average_decay"), dict):
+        config["average_decay"] = schedules.deserialize(
+            config["average_decay"], custom_objects=custom_objects
+        )
+    return cls(**config)

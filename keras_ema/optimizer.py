@@ -1,7 +1,6 @@
 """`ExponentialMovingAverage`: a Keras 3 optimizer that averages the weights."""
 
 import contextlib
-import numbers
 import warnings
 
 import keras
@@ -11,6 +10,7 @@ from keras.src.utils import tracking
 from keras_ema import _atomic
 from keras_ema import _averages
 from keras_ema import _checks
+from keras_ema import _creating
 from keras_ema import _model
 from keras_ema import _packing
 from keras_ema import _saving
@@ -232,45 +232,11 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             )
             self.inner_optimizer.build(var_list)
         super().build(var_list)
-        self._add_averages([v for v in var_list if self._should_average(v)])
+        _creating.add_averages(self, [v for v in var_list if _creating.should_average(self, v)])
         model = _model.get(self._averaged)
         if model is not None:
-            self._add_extra_averages(model)
-        self._start_averages()
-
-    def _add_averages(self, weights):
-        packed = {}
-        if _packing.enabled():
-            for group in _packing.plan(weights, lambda v: self._slots(v)[0]):
-                pack = self._add_pack(group)
-                for i, weight in enumerate(group):
-                    packed[id(weight)] = _packing.PackedAverage(pack, i)
-        for variable in weights:
-            if id(variable) in packed:
-                self._add_entry(variable, [packed[id(variable)]])
-            else:
-                self._add_average(variable)
-
-    def _start_averages(self):
-        """Starts the averages of weights that had no value when they were
-        created, once they have one.
-
-        A model built by its first call, inside the `tf.function` that `fit`
-        or a custom loop traces, has weights without a value in that first
-        trace, where the averages must be created; TensorFlow initializes
-        the weights, then traces the function again: the averages start
-        then, from the weights' real values.
-        """
-        averaged = self._averaged
-        if not all(map(_tf.initialized, averaged.todo)):
-            return
-        if averaged.todo:
-            todo = {id(v) for v in averaged.todo}
-            averaged.todo = []
-            entries = [e for e in averaged.entries if id(e[0]) in todo]
-            with _tf.eager_scope():
-                _averages.for_each(self, entries, _averages.start)
-        _saving.restore_deferred(self)
+            _creating.add_extra_averages(self, model)
+        _creating.start_averages(self)
 
     def shadow_copy(self, model):
         """Creates the averages of a model's weights, if not done yet.
@@ -295,8 +261,8 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 return
             if not self.built:
                 self.build(model.trainable_variables)
-            self._add_extra_averages(model)
-            self._start_averages()
+            _creating.add_extra_averages(self, model)
+            _creating.start_averages(self)
 
     def _register(self, model):
         known = _model.get(self._averaged)
@@ -309,25 +275,6 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         _model.register(self._averaged, model)
         if _tf.executing_eagerly():
             _model.install_guard(model, self)
-
-    def _add_extra_averages(self, model):
-        """The averages of the model's non-trainable variables, if asked."""
-        if self.trainable_weights_only:
-            return
-        new = [
-            v for v in model.non_trainable_variables
-            if self._should_average(v) and self.average(v) is None
-        ]
-        if new and self._trained:
-            raise ValueError(
-                "`shadow_copy` cannot add averages after training started: "
-                "the compiled train step would never update the averages of "
-                f"{_paths(new)}. Instead, call `shadow_copy(model)` right "
-                "after `compile()`, before the first `fit`."
-            )
-        saved = _saving.take_pending(self, new)
-        for variable in new:
-            self._add_average(variable, saved, extra=True)
 
     @property
     def has_shadow_copy(self):
@@ -343,84 +290,9 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         `numpy()`, `dtype`, `shape` and `assign`, usable in Keras ops and
         `np.asarray`.
         """
-        self._start_averages()
+        _creating.start_averages(self)
         i = self._averaged.index.get(self._var_key(variable))
         return None if i is None else self._averaged.entries[i][1]
-
-    def _should_average(self, variable):
-        dtype = keras.backend.standardize_dtype(variable.dtype)
-        return (
-            dtype in _checks.FLOATS
-            # Overwritten by their gradient (e.g. float8 scales): not weights.
-            and not self._overwrite_variable_with_gradient(variable)
-            and not any(p.search(_path(variable)) for p in self.exclude)
-        )
-
-    def _slots(self, variable):
-        """The dtypes of the average and, if needed, of the raw backup."""
-        weight_dtype = keras.backend.standardize_dtype(variable.dtype)
-        dtype = self.average_dtype or (
-            "float32" if weight_dtype in ("float16", "bfloat16")
-            else weight_dtype
-        )
-        return [dtype] if dtype == weight_dtype else [dtype, weight_dtype]
-
-    def _add_average(self, variable, saved=None, extra=False):
-        slots = []
-        started = saved is not None or _tf.initialized(variable)
-        if not started:
-            self._averaged.todo.append(variable)
-        for dtype, suffix in zip(self._slots(variable), ("average", "raw")):
-            value = variable if saved is None else next(saved)
-
-            def initializer(shape, dtype, value=value):
-                if not started:
-                    return ops.zeros(shape, dtype)
-                # An explicit copy: on torch a same-dtype cast aliases storage.
-                return ops.copy(ops.cast(_averages.value(value), dtype))
-
-            # Created eagerly, also when `fit` builds the optimizer while tracing
-            # its step: a variable created in the trace keeps its initial value
-            # alive as a captured input of the step (a second copy of the
-            # weights, for as long as the model lives), and cannot be lifted out
-            # of an XLA-compiled step at all.
-            with _tf.eager_scope(), _tf.colocate_with(self, variable):
-                slots.append(self.add_variable(
-                    shape=variable.shape,
-                    initializer=initializer,
-                    dtype=dtype,
-                    name=f"{_path(variable).replace('/', '_')}_{suffix}",
-                    layout=getattr(variable, "_layout", None),
-                ))
-        self._add_entry(variable, slots)
-        if extra:
-            self._averaged.extra.extend(slots)
-
-    def _add_pack(self, weights):
-        """One flat variable for the averages of `weights` (`_packing.py`)."""
-        pack = _packing.Pack(weights)
-        unstarted = [w for w in weights if not _tf.initialized(w)]
-        self._averaged.todo.extend(unstarted)
-
-        def initializer(shape, dtype):
-            if unstarted:
-                return ops.zeros(shape, dtype)
-            return ops.cast(pack.join(weights), dtype)
-
-        with _tf.eager_scope(), _tf.colocate_with(self, weights[0]):
-            pack.buffer = self.add_variable(
-                shape=(pack.offsets[-1],),
-                initializer=initializer,
-                dtype=weights[0].dtype,
-                name=f"packed_averages_{len(self._averaged.packs)}",
-            )
-        self._averaged.packs.append(pack)
-        return pack
-
-    def _add_entry(self, variable, slots):
-        averaged = self._averaged
-        averaged.index[self._var_key(variable)] = len(averaged.entries)
-        averaged.entries.append((variable, slots[0], (slots + [None])[1]))
 
     @property
     def variables(self):
@@ -446,7 +318,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         elif trainable_variables is not None:
             self._check_known(trainable_variables)
-        self._start_averages()
+        _creating.start_averages(self)
         _saving.check_no_pending(self, "train")
         if self._swapped_in:
             raise ValueError(_SWAPPED_IN)
@@ -557,6 +429,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         if not _tf.executing_eagerly():
             self._swap()
             return
+        model = _model.get(self._averaged)
+        if model is not None:
+            # A refused step must find the guard (installed once).
+            _model.install_guard(model, self)
         with _atomic.deferred_signals():
             going_in = not self.averages_swapped_in
             lost = self._lost_weights(going_in)
@@ -597,13 +473,12 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         self._swapped_in = bool(ops.convert_to_numpy(self._swapped))
         return self._swapped_in
 
-    @contextlib.contextmanager
     def averaged_weights(self):
         """Context manager: the averages are in the model inside the block.
 
         The training weights come back, bit for bit, when the block ends,
-        also when it raises or is interrupted. If the averages are already
-        swapped in, the block leaves them there.
+        also when it raises or is interrupted, even while it is entered. If
+        the averages are already swapped in, the block leaves them there.
 
         Example:
 
@@ -614,17 +489,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         ```
         """
         self._check_ready("averaged_weights")
-        was_in = self.averages_swapped_in
-        try:
-            if not was_in:
-                self.swap_weights()
-            yield
-        finally:
-            # Whatever happened in between, even an interrupt before the
-            # swap returned: the state the block found is the state it
-            # leaves.
-            if not was_in and self.averages_swapped_in:
-                self.swap_weights()
+        return _atomic.SwappedIn(self)
 
     def assign_average_vars(self, var_list):
         """Overwrites each variable of `var_list` with its average.
@@ -648,7 +513,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         for v in var_list:
             if self.average(v) is not None:
                 chosen.append(v)
-            elif self._should_average(v) and (
+            elif _creating.should_average(self, v) and (
                 v.trainable or not self.trainable_weights_only
             ):
                 missing.append(v)
@@ -675,7 +540,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         return _tf.check_zero(self._swapped, message)
 
     def _check_ready(self, what):
-        self._start_averages()
+        _creating.start_averages(self)
         _saving.check_no_pending(self, what)
         if not self.has_shadow_copy:
             raise ValueError(
@@ -711,43 +576,18 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
     # -- saving (`_saving.py`) ------------------------------------------------
 
     def save_own_variables(self, store):
-        self._start_averages()
+        _creating.start_averages(self)
         _saving.save(self, store)
 
     def load_own_variables(self, store):
         _saving.load(self, store)
 
     def get_config(self):
-        # Not super().get_config(): the base optimizer arguments belong to
-        # the inner optimizer.
-        average_decay = self.average_decay
-        if not schedules._is_real(average_decay):
-            average_decay = schedules.serialize(average_decay)
-        return {
-            "name": self.name,
-            "optimizer": keras.saving.serialize_keras_object(
-                self.inner_optimizer
-            ),
-            "trainable_weights_only": self.trainable_weights_only,
-            "average_decay": average_decay,
-            "start_step": self.start_step,
-            "dynamic_decay": self.dynamic_decay,
-            "update_every": self.update_every,
-            "average_dtype": self.average_dtype,
-            "exclude": [p.pattern for p in self.exclude],
-        }
+        return _saving.get_config(self)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["optimizer"] = keras.saving.deserialize_keras_object(
-            config["optimizer"], custom_objects=custom_objects
-        )
-        if isinstance(config.get("average_decay"), dict):
-            config["average_decay"] = schedules.deserialize(
-                config["average_decay"], custom_objects=custom_objects
-            )
-        return cls(**config)
+        return _saving.from_config(cls, config, custom_objects)
 
 
 def find_in_model(model, user):
