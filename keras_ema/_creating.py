@@ -20,7 +20,7 @@ from keras_ema import _tf
 def add_averages(optimizer, weights):
     packed = {}
     if _packing.enabled():
-        for group in _packing.plan(weights, lambda v: slots(optimizer, v)[0]):
+        for group in _packing.plan(weights, lambda v: slot_dtypes(optimizer, v)[0]):
             pack = add_pack(optimizer, group)
             for i, weight in enumerate(group):
                 packed[id(weight)] = _packing.PackedAverage(pack, i)
@@ -83,7 +83,7 @@ def should_average(optimizer, variable):
     )
 
 
-def slots(optimizer, variable):
+def slot_dtypes(optimizer, variable):
     """The dtypes of the average and, if needed, of the raw backup."""
     weight_dtype = keras.backend.standardize_dtype(variable.dtype)
     dtype = optimizer.average_dtype or (
@@ -98,7 +98,7 @@ def add_average(optimizer, variable, saved=None, extra=False):
     started = saved is not None or _tf.initialized(variable)
     if not started:
         optimizer._averaged.todo.append(variable)
-    for dtype, suffix in zip(slots(optimizer, variable), ("average", "raw")):
+    for dtype, suffix in zip(slot_dtypes(optimizer, variable), ("average", "raw")):
         value = variable if saved is None else next(saved)
 
         def initializer(shape, dtype, value=value):

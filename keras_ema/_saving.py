@@ -106,7 +106,7 @@ def take_pending(optimizer, new):
     layouts, values = pending
     wanted = [
         (_path(v), list(v.shape), dtype)
-        for v in new for dtype in _creating.slots(optimizer, v)
+        for v in new for dtype in _creating.slot_dtypes(optimizer, v)
     ]
     saved = [(e["path"], e["shape"], e["dtype"]) for e in layouts]
     if [w[1:] for w in wanted] != [s[1:] for s in saved]:
