@@ -4,6 +4,9 @@ import numbers
 import re
 
 import keras
+import numpy as np
+
+from keras_ema import _tf
 
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 
@@ -78,16 +81,60 @@ def check_float_dtype(dtype):
     return standard
 
 
+def check_step_count(value, name, minimum):
+    """`check_int`, for an int that the train step compares with its step
+    counter, a variable of Keras' default int dtype."""
+    value = check_int(value, name, minimum)
+    if keras.backend.backend() != "jax":
+        # int64 on TensorFlow; torch promotes a larger int to int64.
+        return value
+    dtype = keras.backend.standardize_dtype("int")
+    limit = int(np.iinfo(dtype).max)
+    if value > limit:
+        raise ValueError(
+            f"ExponentialMovingAverage does not support `{name}` above "
+            f"{limit} on JAX: the step counter is {dtype}, and a larger "
+            "value breaks the compiled train step (an OverflowError, or "
+            "with `jax_enable_x64` a silent wrap-around). Received: "
+            f"{name}={value!r}. Instead, pass {name} <= {limit}."
+        )
+    return value
+
+
 def compile_patterns(exclude):
+    """`exclude` as a list of compiled regular expressions over str paths."""
     if exclude is None:
         return []
-    if isinstance(exclude, str):
+    if isinstance(exclude, (str, re.Pattern)):
         exclude = [exclude]
+    elif isinstance(exclude, bytes) or not _is_collection(exclude):
+        raise ValueError(
+            "ExponentialMovingAverage does not support `exclude` of type "
+            f"{_type_name(exclude)}. Received: exclude={exclude!r}. "
+            "Instead, pass a regular expression or a list of them, matched "
+            "against variable paths, e.g. exclude=['bias$']."
+        )
     patterns = []
     for pattern in exclude:
+        if isinstance(pattern, re.Pattern):
+            text = pattern.pattern
+        else:
+            text = pattern
+        if not isinstance(text, str):
+            hint = (
+                repr(text.decode("utf-8", "replace"))
+                if isinstance(text, bytes) else "'bias$'"
+            )
+            raise ValueError(
+                "ExponentialMovingAverage does not support `exclude` patterns "
+                f"of type {type(text).__name__}: they are regular expressions "
+                f"matched against variable paths, which are str. Received: "
+                f"exclude={exclude!r}. Instead, pass str patterns, e.g. "
+                f"exclude=[{hint}]."
+            )
         try:
             patterns.append(re.compile(pattern))
-        except (re.error, TypeError) as error:
+        except re.error as error:
             raise ValueError(
                 "ExponentialMovingAverage requires `exclude` to hold regular "
                 f"expressions. Received: {pattern!r}, which does not compile "
@@ -96,22 +143,160 @@ def compile_patterns(exclude):
     return patterns
 
 
-def check_model(model, what):
-    if not isinstance(model, keras.layers.Layer):
+def _type_name(value):
+    # Keras' attribute tracking may have wrapped a dict or list already.
+    cls = type(value)
+    if cls.__module__.startswith("keras."):
+        for base in cls.__mro__[1:]:
+            if base.__module__ == "builtins" and base is not object:
+                return base.__name__
+    return cls.__name__
+
+
+def _is_collection(value):
+    # A dict would give its keys; a tensor or array its rows.
+    if isinstance(value, (str, bytes, dict)) or hasattr(value, "shape"):
+        return False
+    return hasattr(value, "__iter__")
+
+
+# Where a schedule is probed: the start, the ramp, and a long run.
+PROBES = (0, 1, 10, 10**3, 10**6)
+
+
+def check_schedule(schedule):
+    """Evaluates `schedule` at `PROBES`; its decay must lie in [0, 1].
+
+    Probed once, eagerly, as the train step calls it: with an integer tensor
+    `n` of the step counter's dtype, the result cast to float32. A decay
+    outside [0, 1] (or NaN) makes the averages diverge silently.
+    """
+    if not callable(schedule) or isinstance(schedule, type):
         raise ValueError(
-            f"`{what}` requires a Keras model or layer. Received: "
-            f"model={model!r} of type {type(model).__name__}. Instead, pass "
-            "the `keras.Model` compiled with this optimizer."
+            "ExponentialMovingAverage does not support an `average_decay` "
+            "that is neither a number, a schedule, nor a schedule's config. "
+            f"Received: average_decay={schedule!r}. Instead, pass a number "
+            "in [0, 1] such as 0.999, "
+            "a `keras_ema.schedules.DecaySchedule` (e.g. "
+            "`keras_ema.schedules.Warmup(0.9999)`), its "
+            "`keras_ema.schedules.serialize(...)` dict, or a function "
+            "`n -> decay`."
         )
+    dtype = keras.backend.standardize_dtype("int")
+    with _tf.eager_scope():
+        for n in PROBES:
+            try:
+                decay = keras.ops.cast(
+                    schedule(keras.ops.convert_to_tensor(n, dtype)), "float32"
+                )
+                decay = np.asarray(keras.ops.convert_to_numpy(decay))
+            except Exception as error:  # noqa: BLE001 - re-raised with context
+                raise ValueError(
+                    "ExponentialMovingAverage does not support a decay "
+                    f"schedule that fails on an integer tensor: at n={n} it "
+                    f"raised {type(error).__name__} ({_first_line(error)}). "
+                    "Received: "
+                    f"average_decay={schedule!r}. Instead, pass a function "
+                    "that takes an integer tensor `n` and returns the decay "
+                    "computed with `keras.ops` (no Python `if` on `n`)."
+                ) from error
+            if decay.shape != ():
+                raise ValueError(
+                    "ExponentialMovingAverage does not support a decay "
+                    "schedule that returns a non-scalar: at n="
+                    f"{n} it returned shape {decay.shape}. Received: "
+                    f"average_decay={schedule!r}. Instead, return one number "
+                    "per step, e.g. with `keras.ops.squeeze`."
+                )
+            if not 0.0 <= float(decay) <= 1.0:  # NaN fails too
+                raise ValueError(
+                    "ExponentialMovingAverage does not support a decay "
+                    "outside [0, 1]: the averages would diverge. Received: "
+                    f"average_decay={schedule!r}, whose decay at n={n} is "
+                    f"{float(decay)!r}. Instead, return a decay in [0, 1] "
+                    "for every n, e.g. with `keras.ops.clip(decay, 0.0, 1.0)`."
+                )
+    return schedule
+
+
+def check_model(model, what):
+    """`model` must be a Keras 3 model or layer."""
+    if isinstance(model, keras.layers.Layer):
+        return model
+    if _is_variable(model) or (
+        isinstance(model, (list, tuple)) and model and _is_variable(model[0])
+    ):
+        instead = (
+            "pass the model itself, not its variables, e.g. "
+            "`optimizer.shadow_copy(model)`"
+        )
+    elif type(model).__module__.startswith(("tf_keras", "tensorflow")):
+        instead = (
+            "build the model with Keras 3 (`import keras`); legacy Keras 2 "
+            "(`tf.keras`, `tf_keras`) models are not supported"
+        )
+    else:
+        instead = "pass the `keras.Model` compiled with this optimizer"
+    raise ValueError(
+        f"`{what}` does not support a model that is not a Keras model or "
+        f"layer. Received: model={_describe(model)} of type "
+        f"{type(model).__name__}. Instead, {instead}."
+    )
 
 
 def check_variables(var_list, what):
-    var_list = list(var_list)
-    bad = [v for v in var_list if not hasattr(v, "assign")]
-    if bad:
-        raise ValueError(
-            f"`{what}` requires variables (`keras.Variable` or "
-            f"`tf.Variable`). Received: {bad[0]!r} of type "
-            f"{type(bad[0]).__name__}. Instead, pass e.g. `model.variables`."
+    """`var_list` as a list, each item a variable (Keras, or TF's on TF)."""
+    if var_list is None or _is_variable(var_list) or not _is_collection(
+        var_list
+    ):
+        instead = (
+            "pass a list, e.g. `[variable]`" if _is_variable(var_list)
+            else "pass a list of the model's variables, e.g. "
+            "`model.trainable_variables`"
         )
+        raise ValueError(
+            f"`{what}` does not support a `var_list` that is not a list of "
+            f"variables. Received: var_list={_describe(var_list)} of type "
+            f"{type(var_list).__name__}. Instead, {instead}."
+        )
+    var_list = list(var_list)
+    for i, variable in enumerate(var_list):
+        if not _is_variable(variable):
+            raise ValueError(
+                f"`{what}` does not support items of `var_list` that are not "
+                f"variables. Received: var_list[{i}]={_describe(variable)} of "
+                f"type {type(variable).__name__}. Instead, pass the model's "
+                "variables themselves, e.g. `model.trainable_variables`, "
+                "not their values."
+            )
     return var_list
+
+
+def _is_variable(value):
+    if isinstance(value, keras.Variable):
+        return True
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return isinstance(value, tf.Variable)
+
+
+def _describe(value):
+    """A short repr: arrays, tensors and variables without their values."""
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        path = getattr(value, "path", None)
+        where = f" path={path}" if isinstance(path, str) else ""
+        dtype = getattr(value, "dtype", None)
+        return (
+            f"<{type(value).__name__}{where} shape={tuple(shape)} "
+            f"dtype={dtype}>"
+        )
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _first_line(error):
+    lines = str(error).strip().splitlines() or [""]
+    return lines[0] if len(lines[0]) <= 200 else lines[0][:197] + "..."

@@ -90,16 +90,58 @@ def gate(flag, message, values, small, bunch, never=None):
     others one by one. Given a message `never`, the traced step fails with it
     if it ever runs (a first trace, which TensorFlow discards once it has
     initialized the variables created in it). Eagerly, `values`.
+
+    In a replica context, a value that every replica passes as the same
+    object (a gradient captured from outside `strategy.run`) is gated once,
+    across replicas, and stays one object: the inner optimizer's all-reduce
+    takes such a value once, as it takes it ungated. Gated by each replica,
+    it would be one value per replica, and summed.
     """
     if executing_eagerly():
         return values
     tf = _tensorflow()
+    values = list(values)
+    if not tf.distribute.has_strategy() or (
+        tf.distribute.in_cross_replica_context()
+    ):
+        return _gate(flag, message, values, small, bunch, never)
+
+    def gate_shared(strategy, values):
+        # Here a value that differs across replicas is a `PerReplica`. The
+        # all-reduce sends a shared one from its device: it keeps it.
+        shared = [None] * len(values)
+        devices = {}
+        for i, value in enumerate(values):
+            if isinstance(value, (tf.Tensor, tf.IndexedSlices)):
+                devices.setdefault(value.device, []).append(i)
+        for device, indices in devices.items():
+            with tf.device(device):
+                gated = _gate(
+                    flag, message, [values[i] for i in indices], small, bunch,
+                    never,
+                )
+            for i, value in zip(indices, gated):
+                shared[i] = value
+        return shared
+
+    shared = tf.__internal__.distribute.interim.maybe_merge_call(
+        gate_shared, tf.distribute.get_strategy(), values
+    )
+    local = [v if s is None else None for v, s in zip(values, shared)]
+    local = _gate(flag, message, local, small, bunch, never)
+    return [v if s is None else s for v, s in zip(local, shared)]
+
+
+def _gate(flag, message, values, small, bunch, never):
+    tf = _tensorflow()
+    # `IndexedSlices` gradients pass as their component tensors.
+    flat = list(tf.nest.flatten(values, expand_composites=True))
+    if all(tensor is None for tensor in flat):
+        return values
     check = _assert_zero(flag, message)
     if never is not None:
         with tf.control_dependencies([check]):
             check = tf.debugging.Assert(False, [never])
-    # `IndexedSlices` gradients pass as their component tensors.
-    flat = tf.nest.flatten(values, expand_composites=True)
     bunches, size = [[]], 0
     for i, tensor in enumerate(flat):
         if tensor is None:
@@ -113,7 +155,6 @@ def gate(flag, message, values, small, bunch, never=None):
             size = 0
         bunches[-1].append(i)
         size += count
-    flat = list(flat)
     for indices in bunches:
         if not indices:
             continue

@@ -115,7 +115,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         "the averages of the model's variables were chosen with it.",
     )
     start_step = _settings.FixedOnceBuilt(
-        lambda v: _checks.check_int(v, "start_step", minimum=0),
+        lambda v: _checks.check_step_count(v, "start_step", minimum=0),
         "the compiled train step reads it once, when it is traced.",
     )
     dynamic_decay = _settings.FixedOnceBuilt(
@@ -123,7 +123,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         "the compiled train step reads it once, when it is traced.",
     )
     update_every = _settings.FixedOnceBuilt(
-        lambda v: _checks.check_int(v, "update_every", minimum=1),
+        lambda v: _checks.check_step_count(v, "update_every", minimum=1),
         "the compiled train step reads it once, when it is traced.",
     )
     average_dtype = _settings.FixedOnceBuilt(
@@ -187,7 +187,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             )
             schedule = None
         else:
-            schedule = schedules.get(value)
+            schedule = _checks.check_schedule(schedules.get(value))
         old = self.__dict__.get("_average_decay")
         if self._trained and not (number and schedules._is_real(old)):
             raise ValueError(_SCHEDULE_FROZEN.format(value))

@@ -629,6 +629,111 @@ SCENARIOS = {
 }
 
 
+# -- one step from `strategy.run`: a gradient from outside, an unbuilt
+# optimizer (issue "Everyday Keras code", point 6) ----------------------------
+
+LR = 0.1
+G = np.array([1.0, 2.0, 3.0], "float32")
+W0 = np.array([1.0, -1.0, 0.5], "float32")
+
+
+def _gradient(kind):
+    """A function that each replica calls for its gradient of `kind`.
+
+    "captured": one tensor made before the step, outside `strategy.run`, the
+    same object on every replica: Keras' optimizers apply it once.
+    "per_replica": made in each replica, `G * (1 + replica_id)`: Keras'
+    optimizers apply their sum, `3 * G`.
+    """
+    if kind == "captured":
+        captured = tf.constant(G)
+        return lambda: captured
+    return lambda: tf.constant(G) * tf.cast(
+        1 + tf.distribute.get_replica_context().replica_id_in_sync_group,
+        "float32",
+    )
+
+
+def _inner(name):
+    if name == "adam":
+        return keras.optimizers.Adam(LR)
+    return keras.optimizers.SGD(LR)
+
+
+def _one_step(opt, variable, gradient, mode):
+    """`strategy.run(opt.apply)` once, eagerly or in a `tf.function`."""
+
+    def step():
+        STRATEGY.run(lambda: opt.apply([gradient()], [variable]))
+
+    (tf.function(step) if mode == "tf_function" else step)()
+    return [r.tolist() for r in replicas(variable)]
+
+
+def _step_against_reference(inner, kind, mode, build):
+    """One step of the wrapper and of its inner optimizer alone (built in
+    the scope, as Keras documents), from the same weight and gradient."""
+    results = {}
+    for who in ("reference", "ema"):
+        with STRATEGY.scope():
+            variable = keras.Variable(W0, name="w")
+            opt = _inner(inner)
+            if who == "ema":
+                opt = keras_ema.ExponentialMovingAverage(opt)
+            if who == "reference" or build:
+                opt.build([variable])
+        results[who] = _one_step(opt, variable, _gradient(kind), mode)
+        if who == "ema":
+            average = opt.average(variable)
+            results["average"] = [r.tolist() for r in replicas(average)]
+            results["average_type"] = type(storage(opt, variable).value).__name__
+            results["state_types"] = state_facts(opt)["state_types"]
+            results["step_per_replica"] = step_per_replica(opt)
+    return results
+
+
+def _each_case(cases, build):
+    """The facts of each `(inner, kind, mode)`, or the error it raised."""
+    facts = {}
+    for inner, kind, mode in cases:
+        try:
+            facts[f"{inner}/{kind}/{mode}"] = _step_against_reference(
+                inner, kind, mode, build
+            )
+        except Exception:  # noqa: BLE001 - reported to the test
+            facts[f"{inner}/{kind}/{mode}"] = {
+                "error": traceback.format_exc()
+            }
+    return facts
+
+
+def gradient_from_outside_strategy_run():
+    """A built wrapper: the gradient applied as its inner SGD applies it."""
+    return _each_case(
+        [("sgd", kind, mode)
+         for kind in ("captured", "per_replica")
+         for mode in ("eager", "tf_function")],
+        build=True,
+    )
+
+
+def unbuilt_in_strategy_run():
+    """The first `strategy.run` step builds the wrapper, as `apply` does."""
+    return _each_case(
+        [(inner, kind, mode)
+         for inner in ("sgd", "adam")
+         for kind in ("captured", "per_replica")
+         for mode in ("eager", "tf_function")],
+        build=False,
+    )
+
+
+SCENARIOS.update(
+    (f.__name__, f)
+    for f in (gradient_from_outside_strategy_run, unbuilt_in_strategy_run)
+)
+
+
 def _jsonable(value):
     if isinstance(value, (np.bool_,)):
         return bool(value)

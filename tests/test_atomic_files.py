@@ -4,12 +4,15 @@ A process killed, or a save that raises, while `AverageModelCheckpoint` or
 `export_averaged` writes must leave the previous file loadable.
 """
 
+import contextlib
+import itertools
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import keras
 import numpy as np
@@ -112,9 +115,11 @@ def _load_bytes(folder, filename, data):
 
 def _big_model():
     """About 5.2M float32 weights (21 MB), and as many averages."""
-    model = keras.Sequential(
-        [keras.Input((1024,))] + [keras.layers.Dense(1024) for _ in range(5)]
-    )
+    # Zeros: the raw weights play no part, and random initializers cost
+    # each saver a compilation on JAX.
+    model = keras.Sequential([keras.Input((1024,))] + [
+        keras.layers.Dense(1024, kernel_initializer="zeros") for _ in range(5)
+    ])
     opt = keras_ema.ExponentialMovingAverage(keras.optimizers.SGD(0.01))
     model.compile(optimizer=opt, loss="mse")
     opt.build(model.trainable_variables)
@@ -127,9 +132,6 @@ def _save_forever(folder, fmt, round_):
     The n-th save of round r holds averages all equal to 1000 r + n; each is
     logged in `record.txt` before ("saving") and after ("saved") its save.
     """
-    import itertools
-    import traceback
-
     # Anything printed would garble the pids the server writes to stdout.
     os.dup2(2, 1)
     with open(os.path.join(folder, "record.txt"), "a") as record:
@@ -192,14 +194,21 @@ def _read_record(folder):
     return saving, saved
 
 
-def _wait_for(folder, event, value, timeout=120):
+def _wait_until(ready, what, folder, timeout=120):
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        saving, saved = _read_record(folder)
-        if value in (saving if event == "saving" else [v for v, _ in saved]):
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"no {event} {value} within {timeout} s")
+    while not ready():
+        _read_record(folder)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.002)
+
+
+def _write_seconds(folder):
+    """How long the temporary of the next save exists, until its rename."""
+    _wait_until(lambda: _temporaries(folder), "temporary", folder)
+    start = time.monotonic()
+    _wait_until(lambda: not _temporaries(folder), "rename", folder)
+    return time.monotonic() - start
 
 
 def _saved_value(path, reference):
@@ -239,21 +248,27 @@ def test_a_checkpoint_killed_at_random_moments_is_the_old_or_the_new_one(
     reference = _big_model()[0] if fmt == "weights" else None
     rng = random.Random(0)
     killed_mid_save = 0
-    in_file = None
+    in_file = pid = None
     try:
         for round_ in range(1, KILLS + 1):
             server.stdin.write(f"{round_}\n")
             server.stdin.flush()
             pid = int(server.stdout.readline())
             first = 1000 * round_ + 1
-            # The first save of all must end, for there to be a previous
-            # file; later rounds are killed anywhere from their first save
-            # on: in the writing, the flushing, the renaming, or between.
-            _wait_for(folder, "saved" if round_ == 1 else "saving", first)
-            seconds = _read_record(folder)[1][-1][1]
-            time.sleep(rng.uniform(0, 3 * seconds))
+            if round_ == 1:
+                # For there to be a previous file; then time one write.
+                _wait_until(
+                    lambda: first in [v for v, _ in _read_record(folder)[1]],
+                    f"save of {first}", folder,
+                )
+                writing = _write_seconds(folder)
+            # A random moment from when a file begins to be written: in the
+            # writing, the flushing, the renaming, or just after.
+            _wait_until(lambda: _temporaries(folder), "temporary", folder)
+            time.sleep(rng.uniform(0, 1.5 * writing))
             os.kill(pid, signal.SIGKILL)
             status = int(server.stdout.readline())
+            pid = None
             saving, _ = _read_record(folder)
             assert os.WIFSIGNALED(status), "the saver ended before the kill"
             stray = _temporaries(folder)
@@ -267,10 +282,13 @@ def test_a_checkpoint_killed_at_random_moments_is_the_old_or_the_new_one(
             in_file = _saved_value(target, reference)
             assert in_file in (old, new)
     finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.kill()
         server.wait()
-    # The kills did land inside saves, where the temporary existed; the
-    # target never went through a truncated state.
+    # Enough kills landed while a file was being written, leaving its
+    # temporary: the checks above are not vacuous.
     assert killed_mid_save >= KILLS // 4, killed_mid_save
     assert sorted(os.listdir(folder)) == sorted([FORMATS[fmt], "record.txt"])
 

@@ -496,3 +496,57 @@ def test_jax_data_parallel_batchnorm_statistics_averages(jax_results):
     })
     assert facts["statistics_averages_moved"]
     assert all(facts["swap"].values()), facts["swap"]
+
+
+# -- MirroredStrategy: one step from `strategy.run` ---------------------------
+
+W0 = np.array([1.0, -1.0, 0.5], "float32")  # as in `_dist_mirrored.py`
+G = np.array([1.0, 2.0, 3.0], "float32")
+LR = 0.1
+# Keras' optimizers apply a gradient that every replica passes as the same
+# tensor once, and the sum of per-replica ones (`G`, then `2 * G`).
+APPLIED = {"captured": G, "per_replica": 3 * G}
+
+
+def _assert_one_step_as_reference(facts, kind, exact_sgd):
+    if "error" in facts:
+        pytest.fail(f"the step raised:\n{facts['error'][-3000:]}")
+    assert facts["average_type"] == "MirroredVariable", facts
+    assert facts["state_types"] == ["MirroredVariable"] * 2, facts
+    assert facts["step_per_replica"] == [1, 1], facts
+    reference = np.asarray(facts["reference"])
+    assert np.array_equal(reference[0], reference[1]), facts
+    if exact_sgd:
+        np.testing.assert_allclose(
+            reference[0], W0 - LR * APPLIED[kind], rtol=0, atol=TOLERANCE
+        )
+    for weight, average in zip(facts["ema"], facts["average"]):
+        np.testing.assert_allclose(weight, reference[0], rtol=0, atol=TOLERANCE)
+        # The first EMA update: dynamic decay 0.1.
+        np.testing.assert_allclose(
+            average, W0 - np.float32(0.9) * (W0 - reference[0]),
+            rtol=0, atol=TOLERANCE,
+        )
+
+
+@tensorflow_only
+@pytest.mark.parametrize("mode", ["eager", "tf_function"])
+@pytest.mark.parametrize("kind", ["captured", "per_replica"])
+def test_mirrored_gradient_from_outside_strategy_run_is_applied_as_by_sgd(
+    mirrored, kind, mode
+):
+    facts = _facts(mirrored, "gradient_from_outside_strategy_run")
+    _assert_one_step_as_reference(facts[f"sgd/{kind}/{mode}"], kind, True)
+
+
+@tensorflow_only
+@pytest.mark.parametrize("mode", ["eager", "tf_function"])
+@pytest.mark.parametrize("kind", ["captured", "per_replica"])
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_mirrored_unbuilt_optimizer_builds_in_its_first_strategy_run_step(
+    mirrored, inner, kind, mode
+):
+    facts = _facts(mirrored, "unbuilt_in_strategy_run")
+    _assert_one_step_as_reference(
+        facts[f"{inner}/{kind}/{mode}"], kind, inner == "sgd"
+    )
