@@ -71,9 +71,11 @@ class SwappedIn:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.was_in = None
+        self.open = False
 
     def __enter__(self):
         self.was_in = self.optimizer.averages_swapped_in
+        self.open = True
         try:
             if not self.was_in:
                 self.optimizer.swap_weights()
@@ -85,8 +87,16 @@ class SwappedIn:
         self._restore()
         return False
 
+    def __del__(self):
+        # An interrupt that lands as `__exit__` starts, before its first
+        # line, skips the swap back; the with statement then drops this
+        # object, right there.
+        if self.open:
+            self._restore()
+
     def _restore(self):
         # Whatever happened in the block (it may have swapped back itself),
         # it leaves the state it found.
         if not self.was_in and self.optimizer.averages_swapped_in:
             self.optimizer.swap_weights()
+        self.open = False

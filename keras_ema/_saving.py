@@ -60,25 +60,39 @@ def load(optimizer, store):
     values = [np.asarray(store[str(i)]) for i in range(len(keys) - 1)]
     averaged = optimizer._averaged
     if optimizer.built and not averaged.todo:
-        _restore(optimizer, layout, values)
+        try:
+            _restore(optimizer, layout, values)
+        except ValueError:
+            # Keras goes on loading the other objects of the file after an
+            # error: the inner optimizer's state must not land either.
+            _next_inner_load(optimizer, lambda values: None)
+            raise
         return
     # Keras' own optimizers skip loading with a warning here; these values
     # wait for `build` instead, and so do the inner optimizer's, which Keras
     # loads right after this (a parent's store before its children's).
     averaged.deferred = (layout, values)
+    if not optimizer.inner_optimizer.built:
+        _next_inner_load(
+            optimizer, lambda values: setattr(averaged, "deferred_inner", values)
+        )
+
+
+def _next_inner_load(optimizer, take):
+    """Hands the inner optimizer's values, the next time Keras loads them,
+    to `take` instead of the inner optimizer."""
     inner = optimizer.inner_optimizer
-    if not inner.built:
 
-        def defer_inner(inner_store):
-            del inner.load_own_variables
-            averaged.deferred_inner = [
-                np.asarray(inner_store[str(i)])
-                for i in range(len(inner_store.keys()))
-            ]
+    def load_once(inner_store):
+        del inner.load_own_variables
+        take([
+            np.asarray(inner_store[str(i)])
+            for i in range(len(inner_store.keys()))
+        ])
 
-        # Keras gives no hook for loading into an unbuilt optimizer: this
-        # instance attribute lasts for the one call Keras makes next.
-        inner.load_own_variables = defer_inner
+    # Keras gives no hook between loading a parent and its children: this
+    # instance attribute lasts for the one call Keras makes next.
+    inner.load_own_variables = load_once
 
 
 def restore_deferred(optimizer):
@@ -90,10 +104,11 @@ def restore_deferred(optimizer):
     inner, averaged.deferred_inner = averaged.deferred_inner, None
     deferred, averaged.deferred = averaged.deferred, None
     with _tf.eager_scope():
-        if inner is not None:
-            optimizer.inner_optimizer.load_own_variables(_Store(inner))
+        # Ours first: it checks the layout before anything is written.
         if deferred is not None:
             _restore(optimizer, *deferred)
+        if inner is not None:
+            optimizer.inner_optimizer.load_own_variables(_Store(inner))
 
 
 def take_pending(optimizer, new):

@@ -571,6 +571,13 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         foreign, self._averaged.foreign = self._averaged.foreign, None
         if foreign is not None:
             raise _model.other_model_error(self, foreign, _model.get(self._averaged))
+        if keras.backend.backend() == "jax" and self._swapped_in:
+            warnings.warn(
+                "keras-ema: this `fit` changed nothing: the averages are "
+                "swapped into the model. Instead, call "
+                "`optimizer.swap_weights()` first, or pass "
+                "`keras_ema.SwapAverageWeights()` to `fit`."
+            )
         self.inner_optimizer.finalize_variable_values(var_list)
 
     # -- saving (`_saving.py`) ------------------------------------------------

@@ -20,6 +20,7 @@ from conftest import sync
 
 import keras_ema
 from keras_ema import ExponentialMovingAverage
+from keras_ema import _atomic
 
 
 def _model(batchnorm=False, width=8, dtype=None):
@@ -61,18 +62,15 @@ def _consistent(opt, model, raw, averages):
     )
 
 
-def _interrupted(action, horizon, rng, once=False):
-    """Runs `action` in a loop (or once, then waits) until a timer
-    interrupts the main thread; returns whether the interrupt surfaced from
-    inside `action`."""
+def _interrupted(action, horizon, rng):
+    """Runs `action` in a loop until a timer interrupts the main thread;
+    returns whether the interrupt surfaced from inside `action`."""
     timer = threading.Timer(rng.uniform(0, horizon), _thread.interrupt_main)
     try:
         timer.start()
         deadline = time.monotonic() + 5
-        if once:
-            action()
         while time.monotonic() < deadline:
-            time.sleep(0.001) if once else action()
+            action()
     except KeyboardInterrupt as error:
         frames = traceback.extract_tb(error.__traceback__)
         return any(f.name in ("swap_weights", "assign_average_vars",
@@ -85,15 +83,8 @@ def _interrupted(action, horizon, rng, once=False):
 
 
 @pytest.mark.parametrize("layout", ["packed", "unpacked", "float16"])
-@pytest.mark.parametrize("action", [
-    "swap_weights",
-    # Known open defect (issue "Nothing is lost", point 1): an interrupt
-    # between the block's swap in and its swap out can still leave the
-    # averages in (26 of 60 trials on TensorFlow).
-    pytest.param("averaged_weights", marks=pytest.mark.xfail(
-        reason="interrupt inside the with statement's own bytecodes")),
-    "assign_average_vars",
-])
+@pytest.mark.parametrize("action", ["swap_weights", "averaged_weights",
+                                    "assign_average_vars"])
 def test_an_interrupt_at_any_moment_never_leaves_a_mixed_or_lost_state(
     layout, action
 ):
@@ -121,19 +112,27 @@ def test_an_interrupt_at_any_moment_never_leaves_a_mixed_or_lost_state(
         with opt.averaged_weights():
             pass
 
+    def reset():
+        # Under the library's own deferral: only the assignment under test
+        # can be cut.
+        with _atomic.deferred_signals():
+            for v, r in zip(model.trainable_variables, raw):
+                v.assign(r)
+
+    def assign_then_reset():
+        opt.assign_average_vars(model.trainable_variables)
+        reset()
+
     run = {"swap_weights": opt.swap_weights, "averaged_weights": averaged,
-           "assign_average_vars": lambda: opt.assign_average_vars(
-               model.trainable_variables)}[action]
+           "assign_average_vars": assign_then_reset}[action]
+    run()  # warm up: the first swap compiles its ops on JAX
     start = time.perf_counter()
     run()
     horizon = 3 * (time.perf_counter() - start)
-    if action == "assign_average_vars":
-        for v, r in zip(model.trainable_variables, raw):
-            v.assign(r)
     rng = random.Random(0)
     inside, bad = 0, 0
     for _ in range(60):
-        inside += _interrupted(run, horizon, rng, once=action == "assign_average_vars")
+        inside += _interrupted(run, horizon, rng)
         if action == "assign_average_vars":
             weights = [numpy(v) for v in model.trainable_variables]
             assigned = [a.astype(r.dtype) for a, r in zip(averages, raw)]
@@ -142,8 +141,7 @@ def test_an_interrupt_at_any_moment_never_leaves_a_mixed_or_lost_state(
                 or all(np.array_equal(bits(w), bits(a))
                        for w, a in zip(weights, assigned))
             )
-            for v, r in zip(model.trainable_variables, raw):
-                v.assign(r)
+            reset()
         else:
             bad += not _consistent(opt, model, raw, averages)
         if action == "averaged_weights":
@@ -155,8 +153,19 @@ def test_an_interrupt_at_any_moment_never_leaves_a_mixed_or_lost_state(
 # -- settings changed after construction -------------------------------------
 
 
+class CountingTraces(keras.Sequential):
+    """Counts how often its train step runs in Python: once per trace on
+    TensorFlow and JAX, once per step on torch."""
+
+    traces = 0
+
+    def train_step(self, *args):
+        type(self).traces += 1
+        return super().train_step(*args)
+
+
 def test_a_decay_set_from_a_callback_takes_effect_without_retracing():
-    model = _model()
+    model = CountingTraces(_model().layers)
     opt = ExponentialMovingAverage(keras.optimizers.SGD(0.05),
                                    average_decay=0.9, dynamic_decay=False)
     model.compile(optimizer=opt, loss="mse")
@@ -170,9 +179,7 @@ def test_a_decay_set_from_a_callback_takes_effect_without_retracing():
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     gap = np.abs(numpy(opt.average(kernel)) - numpy(kernel)).max()
     assert gap > 1e-3
-    traces = None
-    if BACKEND == "tensorflow":
-        traces = model.train_function.experimental_get_tracing_count()
+    traces = CountingTraces.traces
     model.fit(x, y, batch_size=16, epochs=2, initial_epoch=0, verbose=0,
               callbacks=[keras.callbacks.LambdaCallback(
                   on_epoch_begin=set_decay)])
@@ -181,8 +188,8 @@ def test_a_decay_set_from_a_callback_takes_effect_without_retracing():
     np.testing.assert_allclose(numpy(opt.average(kernel)), numpy(kernel),
                                rtol=1e-6, atol=1e-7)
     assert opt.get_config()["average_decay"] == 0.0
-    if traces is not None:
-        assert model.train_function.experimental_get_tracing_count() == traces
+    if BACKEND != "torch":
+        assert CountingTraces.traces == traces
 
 
 def test_a_changed_decay_is_saved_and_a_resumed_run_matches_bit_for_bit(
@@ -212,7 +219,7 @@ def test_a_changed_decay_is_saved_and_a_resumed_run_matches_bit_for_bit(
 
 @pytest.mark.parametrize("name, value", [
     ("start_step", 3), ("update_every", 2), ("dynamic_decay", False),
-    ("trainable_weights_only", False), ("average_dtype", "float64"),
+    ("trainable_weights_only", False), ("average_dtype", "float16"),
     ("exclude", ["bias"]),
 ])
 def test_settings_the_step_reads_once_refuse_to_change_once_built(name, value):
@@ -265,7 +272,9 @@ def test_a_step_refused_on_swapped_in_averages_changes_nothing():
     before = [numpy(v).copy() for v in model.variables + opt.variables]
     iterations = int(numpy(opt.iterations))
     if BACKEND == "jax":
-        with pytest.warns(UserWarning, match="change nothing"):
+        # An exception inside JAX's step would lose the state: the steps
+        # change nothing, and `fit` says so at its end.
+        with pytest.warns(UserWarning, match="changed nothing"):
             model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     else:
         with pytest.raises(Exception, match="cannot train while the averages"):
