@@ -16,8 +16,8 @@ def atomic_path(filepath):
     Writing a file in place leaves it truncated when the process dies
     mid-write, and the last good version is lost with it. Instead, the block
     writes the temporary path, in the same folder as `filepath` so that the
-    final `os.replace` is a rename within one file system, atomic on POSIX
-    and Windows. When the block succeeds, the temporary is flushed to disk,
+    final `os.replace` is a rename within one file system: atomic on POSIX,
+    a single replacing move on Windows. When the block succeeds, the temporary is flushed to disk,
     renamed over `filepath`, and the rename itself is flushed; at any moment,
     `filepath` is the previous file or the new one, whole. When the block
     raises (also `KeyboardInterrupt`), the temporary is removed and

@@ -4,6 +4,7 @@ import sys
 
 import keras
 
+from keras_ema._files import atomic_path
 from keras_ema.optimizer import find_in_model
 
 
@@ -338,8 +339,6 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self._save_model_atomically(epoch, batch, logs)
 
     def _save_model_atomically(self, epoch, batch, logs):
-        from keras_ema._files import atomic_path
-
         model = self.model
         name = "save_weights" if self.save_weights_only else "save"
         save = getattr(model, name)

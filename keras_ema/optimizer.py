@@ -71,8 +71,9 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         optimizer: The optimizer to wrap: a `keras.optimizers.Optimizer`, or
             anything `keras.optimizers.get` accepts (`"adam"`, a config
             dict). Available as `inner_optimizer`.
-        trainable_weights_only: If `False`, `shadow_copy(model)` also averages
-            the model's non-trainable float variables (BatchNorm statistics).
+        trainable_weights_only: If `False`, the model's non-trainable float
+            variables (BatchNorm statistics) are averaged too: by `fit`, or
+            by `shadow_copy(model)` for a custom loop.
         average_decay: Float in `[0, 1]`: the decay, the largest one when
             `dynamic_decay` is on. The average spans about
             `1 / (1 - average_decay)` updates. It can be set at any time,

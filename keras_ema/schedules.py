@@ -128,9 +128,12 @@ class Dynamic(DecaySchedule):
 
     `decay_n = min(max_decay, (1 + n) / (10 + n))`: 0.1, 2/11, 3/12, ...,
     so the first, poor weights do not linger in the average; `max_decay` is
-    reached after about `9 / (1 - max_decay)` updates. It is the rule of
-    `tf.train.ExponentialMovingAverage(num_updates=...)` and Model Garden's
-    `dynamic_decay=True`.
+    reached after about `9 / (1 - max_decay)` updates. It is the formula of
+    `tf.train.ExponentialMovingAverage(num_updates=n)`, with `n` counting
+    from 0 at the first update after `start_step`; TF Addons'
+    `MovingAverage(dynamic_decay=True)` gives the same decays with the same
+    `start_step`, Model Garden's with `start_step` one higher (it also
+    counts the update in progress).
 
     Args:
         max_decay: float in [0, 1], the decay once the ramp reaches it.
