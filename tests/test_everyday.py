@@ -358,3 +358,40 @@ def test_assign_average_vars_of_all_model_variables_skips_unaveraged_ones(
     for v in model.variables:
         want = expected.get(v.path, before[v.path])
         np.testing.assert_array_equal(numpy(v), want)
+
+
+@tensorflow_only
+@pytest.mark.parametrize("moment", ["compiled", "trained", "swapped_in"])
+def test_a_tf_train_checkpoint_at_any_moment_resumes_exactly(tmp_path, moment):
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(1)
+    model, opt = _fresh()
+    if moment != "compiled":
+        _train(model, seed=0)
+    if moment == "swapped_in":
+        opt.swap_weights()
+    path = tf.train.Checkpoint(model=model, optimizer=opt).save(tmp_path / "c")
+    loaded, loaded_opt = _fresh()
+    loaded_opt.shadow_copy(loaded)
+    tf.train.Checkpoint(model=loaded, optimizer=loaded_opt).restore(path)
+    if moment == "swapped_in":
+        assert loaded_opt.averages_swapped_in
+        opt.swap_weights()
+        loaded_opt.swap_weights()
+    for seed in (1, 2):
+        _train(model, seed)
+        _train(loaded, seed)
+    _assert_same(_state(model, opt), _state(loaded, loaded_opt))
+
+
+def test_a_file_with_non_trainable_averages_names_trainable_weights_only(
+    tmp_path,
+):
+    model, opt = _fresh(trainable_weights_only=False)
+    _train(model, 0)
+    model.save_weights(tmp_path / "m.weights.h5")
+    other, other_opt = _fresh(trainable_weights_only=True)
+    other_opt.shadow_copy(other)
+    with pytest.raises(ValueError, match="trainable_weights_only=False"):
+        other.load_weights(tmp_path / "m.weights.h5")
