@@ -198,7 +198,7 @@ def test_a_changed_decay_is_saved_and_a_resumed_run_matches_bit_for_bit(
     def make():
         model = _model()
         opt = ExponentialMovingAverage(keras.optimizers.Adam(1e-2),
-                                       average_decay=0.5)
+                                       average_decay=0.5, dynamic_decay=False)
         model.compile(optimizer=opt, loss="mse")
         return model, opt
 
