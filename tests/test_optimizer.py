@@ -326,7 +326,8 @@ def test_shadow_copy_after_training_started_raises_instead_of_never_updating():
     model.build((None, 4))
     opt = ExponentialMovingAverage("sgd", trainable_weights_only=False)
     variables = model.trainable_variables
-    compiled_step(opt, [keras.ops.zeros_like(v) for v in variables], variables)
+    opt.build(variables)
+    compiled_step(opt, [keras.ops.zeros(v.shape) for v in variables], variables)
     with pytest.raises(ValueError, match="before the first `fit`"):
         opt.shadow_copy(model)
 
@@ -339,9 +340,10 @@ def test_fit_averages_the_batchnorm_statistics_without_shadow_copy():
     model.fit(*regression_data(), epochs=1, verbose=0)
     moving_mean = model.layers[1].moving_mean
     assert opt.average(moving_mean) is not None
-    # Decay 0: each average equals its variable after every update.
-    np.testing.assert_array_equal(bits(opt.average(moving_mean)),
-                                  bits(moving_mean))
+    # Decay 0: each average follows its variable after every update (to
+    # rounding: `a - (a - w)` is not always `w`).
+    np.testing.assert_allclose(numpy(opt.average(moving_mean)),
+                               numpy(moving_mean), rtol=1e-6, atol=1e-7)
     assert np.abs(numpy(moving_mean)).max() > 0
 
 
