@@ -231,10 +231,31 @@ def _restore(optimizer, layout, values):
     elif saved_extra:
         optimizer._averaged.pending = (saved_extra, extra_values)
     optimizer._swapped_in = bool(ops.convert_to_numpy(optimizer._swapped))
+    _sync_decay(optimizer)
+
+
+def _sync_decay(optimizer):
+    """The Python decay (what `get_config` saves) from the loaded variables."""
+    def number(variable):
+        return float(ops.convert_to_numpy(variable))
+
     if optimizer._schedule is None:
-        decay = float(ops.convert_to_numpy(optimizer._decay))
+        decay = number(optimizer._decay)
         if np.float32(optimizer._average_decay) != np.float32(decay):
             optimizer.__dict__["_average_decay"] = decay
+        return
+    held = optimizer.__dict__.get("_schedule_values")
+    schedule = optimizer._schedule
+    loaded = {k: number(v) for k, v in (held or {}).items()}
+    # Values that float32 holds as they were keep their Python spelling.
+    changed = {
+        k: v for k, v in loaded.items()
+        if np.float32(getattr(schedule, k)) != np.float32(v)
+    }
+    if changed:
+        schedule = schedules.with_values(schedule, changed)
+        optimizer.__dict__["_schedule"] = schedule
+        optimizer.__dict__["_average_decay"] = schedule
 
 
 def _assign_own(optimizer, own, values):

@@ -11,12 +11,12 @@ from keras_ema import _atomic
 from keras_ema import _averages
 from keras_ema import _checks
 from keras_ema import _creating
+from keras_ema import _decay_variables
 from keras_ema import _model
 from keras_ema import _packing
 from keras_ema import _saving
 from keras_ema import _settings
 from keras_ema import _tf
-from keras_ema import schedules
 
 _SWAPPED_IN = (
     "ExponentialMovingAverage cannot train while the averages are swapped "
@@ -31,13 +31,6 @@ _ASSIGN_SWAPPED = (
     "swapping back."
 )
 
-_SCHEDULE_FROZEN = (
-    "ExponentialMovingAverage does not support replacing the decay rule "
-    "once training started: the compiled train step keeps the rule it was "
-    "traced with. Received: average_decay={!r}. Instead, set a number (the "
-    "step reads it from a variable), or create the optimizer with this "
-    "`average_decay`."
-)
 
 _LOST = (
     "keras-ema: a compiled JAX step failed while the averages were swapped "
@@ -181,26 +174,10 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
 
     @average_decay.setter
     def average_decay(self, value):
-        number = schedules._is_real(value)
-        if number:
-            value = schedules._check_decay(
-                "ExponentialMovingAverage", "average_decay", value
-            )
-            schedule = None
-        else:
-            schedule = _checks.check_schedule(schedules.get(value))
-        old = self.__dict__.get("_average_decay")
-        if self._trained and not (number and schedules._is_real(old)):
-            raise ValueError(_SCHEDULE_FROZEN.format(value))
-        self.__dict__["_average_decay"] = value
-        self.__dict__["_schedule"] = schedule
-        if number and self.built:
-            self._decay.assign(value)
+        _decay_variables.set_decay(self, value)
 
     def _decay_at(self, n):
-        if self._schedule is not None:
-            return ops.cast(self._schedule(n), "float32")
-        return schedules.number_rule(n, self._decay, self.dynamic_decay)
+        return _decay_variables.decay_at(self, n)
 
     # -- creating averages ----------------------------------------------------
 
@@ -225,13 +202,12 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 shape=(), dtype="int", aggregation="only_first_replica",
                 name="averages_swapped_in",
             )
-            decay = self._average_decay if self._schedule is None else 0.0
             self._decay = self.add_variable(
                 shape=(), dtype="float32", aggregation="only_first_replica",
-                initializer=keras.initializers.Constant(decay),
                 name="average_decay",
             )
             self.inner_optimizer.build(var_list)
+        _decay_variables.hold(self)
         super().build(var_list)
         _creating.add_averages(self, [v for v in var_list if _creating.should_average(self, v)])
         model = _model.get(self._averaged)

@@ -9,6 +9,7 @@ min_decay)` is `clip(1 - (1 + n / inv_gamma) ** -power, min_decay, max_decay)`;
 `HalfLife(half_life)` is `0.5 ** (1 / half_life)`.
 """
 
+import copy
 import math
 import numbers
 
@@ -51,6 +52,11 @@ class DecaySchedule:
     step without retracing), and `get_config`, returning every constructor
     argument. Register them so that saved models load again.
 
+    `parameters` names the number attributes that `__call__` reads. A
+    schedule that lists them can be replaced during training by another of
+    its class (`optimizer.average_decay = Warmup(0.9999)`): the compiled step
+    reads them from variables, so the change takes effect without retracing.
+
     Example:
 
     ```python
@@ -69,6 +75,8 @@ class DecaySchedule:
             return {"max_decay": self.max_decay, "steps": self.steps}
     ```
     """
+
+    parameters = ()
 
     def __call__(self, step):
         raise NotImplementedError(
@@ -112,6 +120,8 @@ class Constant(DecaySchedule):
     ```
     """
 
+    parameters = ("decay",)
+
     def __init__(self, decay):
         self.decay = _check_decay(type(self).__name__, "decay", decay)
 
@@ -146,6 +156,8 @@ class Dynamic(DecaySchedule):
         average_decay=keras_ema.schedules.Dynamic(0.999))
     ```
     """
+
+    parameters = ("max_decay",)
 
     def __init__(self, max_decay):
         owner = type(self).__name__
@@ -191,6 +203,8 @@ class Warmup(DecaySchedule):
     ```
     """
 
+    parameters = ("max_decay", "inv_gamma", "power", "min_decay")
+
     def __init__(self, max_decay, inv_gamma=1.0, power=2 / 3, min_decay=0.0):
         owner = type(self).__name__
         self.max_decay = _check_decay(owner, "max_decay", max_decay)
@@ -234,6 +248,8 @@ class HalfLife(Constant):
     ```
     """
 
+    parameters = ("half_life", "decay")
+
     def __init__(self, half_life):
         owner = type(self).__name__
         self.half_life = _check_positive(owner, "half_life", half_life, "1000")
@@ -255,6 +271,19 @@ def number_rule(step, decay, dynamic):
         return decay
     n = ops.cast(step, "float32")
     return ops.minimum((1.0 + n) / (10.0 + n), decay)
+
+
+def parameters(schedule):
+    """The number attributes `schedule(n)` reads, if it declares them."""
+    return tuple(getattr(schedule, "parameters", ()))
+
+
+def with_values(schedule, values):
+    """A copy of `schedule` whose parameters are `values` (variables that a
+    compiled step reads, or the numbers they hold)."""
+    replaced = copy.copy(schedule)
+    replaced.__dict__.update(values)
+    return replaced
 
 
 def serialize(schedule):

@@ -236,7 +236,7 @@ def test_settings_the_step_reads_once_refuse_to_change_once_built(name, value):
     assert fresh.get_config() == before
 
 
-def test_a_schedule_set_after_training_started_raises():
+def test_a_schedule_of_another_rule_set_after_training_started_raises():
     model = _model()
     opt = ExponentialMovingAverage("sgd")
     model.compile(optimizer=opt, loss="mse")
@@ -244,6 +244,35 @@ def test_a_schedule_set_after_training_started_raises():
     with pytest.raises(ValueError, match="replacing the decay rule"):
         opt.average_decay = keras_ema.schedules.Warmup(0.999)
     assert opt.average_decay == 0.99
+
+
+def test_a_schedule_replaced_by_one_of_its_class_takes_effect_and_is_saved(
+    tmp_path,
+):
+    model = CountingTraces(_model().layers)
+    opt = ExponentialMovingAverage(
+        keras.optimizers.SGD(0.05),
+        average_decay=keras_ema.schedules.Constant(0.9),
+    )
+    model.compile(optimizer=opt, loss="mse")
+    x, y = regression_data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    kernel = model.trainable_variables[0]
+    assert np.abs(numpy(opt.average(kernel)) - numpy(kernel)).max() > 1e-3
+    traces = CountingTraces.traces
+    opt.average_decay = keras_ema.schedules.Constant(0.0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    sync(model)
+    np.testing.assert_allclose(numpy(opt.average(kernel)), numpy(kernel),
+                               rtol=1e-6, atol=1e-7)
+    if BACKEND != "torch":
+        assert CountingTraces.traces == traces
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(
+        tmp_path / "m.keras", custom_objects={"CountingTraces": CountingTraces}
+    )
+    assert loaded.optimizer.average_decay.decay == 0.0
+    assert float(numpy(loaded.optimizer._schedule_values["decay"])) == 0.0
 
 
 def test_start_step_set_before_compile_takes_effect():

@@ -1,0 +1,83 @@
+"""The decay as the compiled train step reads it: from variables.
+
+A Python attribute read while a step is traced is frozen into it. So the
+decay lives in optimizer variables: a number in `average_decay`, and the
+`parameters` of a schedule (`schedules.DecaySchedule.parameters`) in one
+variable each. Setting `optimizer.average_decay` assigns them, which takes
+effect from the next update without retracing, and saves them with the
+optimizer. What a variable cannot express, a change of rule (a number for a
+schedule, another schedule class), is refused once training started.
+"""
+
+from keras import ops
+
+from keras_ema import _checks
+from keras_ema import _tf
+from keras_ema import schedules
+
+_FROZEN = (
+    "ExponentialMovingAverage does not support replacing the decay rule "
+    "once training started: the compiled train step keeps the rule it was "
+    "traced with. Received: average_decay={!r}. Instead, set a number where "
+    "a number was set, or a schedule of the class in use (its `parameters` "
+    "are read from variables), or create the optimizer with this "
+    "`average_decay`."
+)
+
+
+def set_decay(optimizer, value):
+    """`optimizer.average_decay = value`."""
+    number = schedules._is_real(value)
+    if number:
+        value = schedules._check_decay(
+            "ExponentialMovingAverage", "average_decay", value
+        )
+        schedule = None
+    else:
+        schedule = _checks.check_schedule(schedules.get(value))
+    old = optimizer.__dict__.get("_schedule")
+    if optimizer._trained and not (
+        (number and old is None)
+        or (old is not None and type(schedule) is type(old)
+            and schedules.parameters(schedule))
+    ):
+        raise ValueError(_FROZEN.format(value))
+    optimizer.__dict__["_average_decay"] = value
+    optimizer.__dict__["_schedule"] = schedule
+    if optimizer.built:
+        hold(optimizer)
+
+
+def hold(optimizer):
+    """Puts the decay's numbers into the variables the step reads."""
+    schedule = optimizer._schedule
+    # Eagerly, also while `fit` traces the step that builds the optimizer.
+    with _tf.strategy_scope(optimizer), _tf.eager_scope():
+        if schedule is None:
+            optimizer._decay.assign(optimizer._average_decay)
+            return
+        names = schedules.parameters(schedule)
+        held = optimizer.__dict__.get("_schedule_values") or {}
+        if set(held) != set(names):
+            held = {
+                name: optimizer.add_variable(
+                    shape=(), dtype="float32",
+                    aggregation="only_first_replica",
+                    name=f"average_decay_{name}",
+                )
+                for name in names
+            }
+            optimizer.__dict__["_schedule_values"] = held
+        for name, variable in held.items():
+            variable.assign(getattr(schedule, name))
+
+
+def decay_at(optimizer, n):
+    """The decay of EMA update `n`, read from the variables."""
+    schedule = optimizer._schedule
+    if schedule is None:
+        return schedules.number_rule(n, optimizer._decay, optimizer.dynamic_decay)
+    held = optimizer.__dict__.get("_schedule_values")
+    if held:
+        schedule = schedules.with_values(schedule, held)
+    return ops.cast(schedule(n), "float32")
