@@ -79,5 +79,9 @@ def decay_at(optimizer, n):
         return schedules.number_rule(n, optimizer._decay, optimizer.dynamic_decay)
     held = optimizer.__dict__.get("_schedule_values")
     if held:
-        schedule = schedules.with_values(schedule, held)
+        # Values, not variables: plain arithmetic on a variable inside a
+        # traced JAX step is refused.
+        schedule = schedules.with_values(
+            schedule, {k: v.value for k, v in held.items()}
+        )
     return ops.cast(schedule(n), "float32")
