@@ -9,6 +9,7 @@ optimizer. What a variable cannot express, a change of rule (a number for a
 schedule, another schedule class), is refused once training started.
 """
 
+import keras
 from keras import ops
 
 from keras_ema import _checks
@@ -48,28 +49,48 @@ def set_decay(optimizer, value):
         hold(optimizer)
 
 
+def create(optimizer):
+    """Creates the variables, holding the decay set so far.
+
+    With initial values rather than assignments: in a replica context of
+    `tf.distribute` an assignment would be a merge call.
+    """
+    schedule = optimizer._schedule
+    number = optimizer._average_decay if schedule is None else 0.0
+    optimizer._decay = _add(optimizer, "average_decay", number)
+    _create_schedule_values(optimizer, schedule)
+
+
 def hold(optimizer):
     """Puts the decay's numbers into the variables the step reads."""
     schedule = optimizer._schedule
-    # Eagerly, also while `fit` traces the step that builds the optimizer.
     with _tf.strategy_scope(optimizer), _tf.eager_scope():
         if schedule is None:
             optimizer._decay.assign(optimizer._average_decay)
             return
-        names = schedules.parameters(schedule)
         held = optimizer.__dict__.get("_schedule_values") or {}
-        if set(held) != set(names):
-            held = {
-                name: optimizer.add_variable(
-                    shape=(), dtype="float32",
-                    aggregation="only_first_replica",
-                    name=f"average_decay_{name}",
-                )
-                for name in names
-            }
-            optimizer.__dict__["_schedule_values"] = held
+        if set(held) != set(schedules.parameters(schedule)):
+            _create_schedule_values(optimizer, schedule)
+            return
         for name, variable in held.items():
             variable.assign(getattr(schedule, name))
+
+
+def _create_schedule_values(optimizer, schedule):
+    names = schedules.parameters(schedule) if schedule is not None else ()
+    optimizer.__dict__["_schedule_values"] = {
+        name: _add(optimizer, f"average_decay_{name}", getattr(schedule, name))
+        for name in names
+    }
+
+
+def _add(optimizer, name, value):
+    # Eagerly, also while `fit` traces the step that builds the optimizer.
+    with _tf.strategy_scope(optimizer), _tf.eager_scope():
+        return optimizer.add_variable(
+            shape=(), dtype="float32", aggregation="only_first_replica",
+            initializer=keras.initializers.Constant(value), name=name,
+        )
 
 
 def decay_at(optimizer, n):

@@ -183,9 +183,14 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
-        if self.built:
-            return
-        var_list = list(var_list)
+        # `strategy.run` calls `apply` in one thread per replica, one after
+        # the other until a merge call: building without one (no assignment
+        # of a mirrored variable here) lets the first build and the others
+        # find it built.
+        if not self.built:
+            self._build(list(var_list))
+
+    def _build(self, var_list):
         # Built by a trainer (`fit`, loading a model): that is its model.
         model = _model.calling_model()
         if model is not None and _model.owns(model, var_list):
@@ -202,12 +207,8 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
                 shape=(), dtype="int", aggregation="only_first_replica",
                 name="averages_swapped_in",
             )
-            self._decay = self.add_variable(
-                shape=(), dtype="float32", aggregation="only_first_replica",
-                name="average_decay",
-            )
             self.inner_optimizer.build(var_list)
-        _decay_variables.hold(self)
+        _decay_variables.create(self)
         super().build(var_list)
         _creating.add_averages(self, [v for v in var_list if _creating.should_average(self, v)])
         model = _model.get(self._averaged)
