@@ -23,7 +23,7 @@ import weakref
 
 import keras
 
-_SEARCH_DEPTH = 4
+_SEARCH_DEPTH = 8
 
 
 def calling_model(skip=1):
