@@ -1,7 +1,7 @@
 """keras-ema: exponential moving averages of weights for Keras 3."""
 
 from keras_ema import schedules
-from keras_ema.callbacks import AverageModelCheckpoint
+from keras_ema.average_checkpoint import AverageModelCheckpoint
 from keras_ema.callbacks import SwapAverageWeights
 from keras_ema.export import export_averaged
 from keras_ema.optimizer import ExponentialMovingAverage

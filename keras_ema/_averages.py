@@ -152,6 +152,11 @@ def path(variable):
     return getattr(variable, "path", None) or variable.name
 
 
+def paths(variables):
+    """The paths of `variables`, for error messages."""
+    return ", ".join(path(v) for v in variables)
+
+
 def move(average, weight, backup, factor):
     """`average -= factor * (average - weight)`, in the average's dtype."""
     delta = ops.subtract(average, ops.cast(weight, average.dtype))

@@ -65,7 +65,7 @@ def add_extra_averages(optimizer, model):
         raise ValueError(
             "`shadow_copy` cannot add averages after training started: "
             "the compiled train step would never update the averages of "
-            f"{_paths(new)}. Instead, call `shadow_copy(model)` right "
+            f"{_averages.paths(new)}. Instead, call `shadow_copy(model)` right "
             "after `compile()`, before the first `fit`."
         )
     saved = _saving.take_pending(optimizer, new)
@@ -79,7 +79,7 @@ def should_average(optimizer, variable):
         dtype in _checks.FLOATS
         # Overwritten by their gradient (e.g. float8 scales): not weights.
         and not optimizer._overwrite_variable_with_gradient(variable)
-        and not any(p.search(_path(variable)) for p in optimizer.exclude)
+        and not any(p.search(_averages.path(variable)) for p in optimizer.exclude)
     )
 
 
@@ -117,7 +117,7 @@ def add_average(optimizer, variable, saved=None, extra=False):
                 shape=variable.shape,
                 initializer=initializer,
                 dtype=dtype,
-                name=f"{_path(variable).replace('/', '_')}_{suffix}",
+                name=f"{_averages.path(variable).replace('/', '_')}_{suffix}",
                 layout=getattr(variable, "_layout", None),
             ))
     add_entry(optimizer, variable, slots)
@@ -152,10 +152,3 @@ def add_entry(optimizer, variable, slots):
     averaged.index[optimizer._var_key(variable)] = len(averaged.entries)
     averaged.entries.append((variable, slots[0], (slots + [None])[1]))
 
-
-def _path(variable):
-    return _averages.path(variable)
-
-
-def _paths(variables):
-    return ", ".join(_path(v) for v in variables)

@@ -16,6 +16,7 @@ from keras_ema import _model
 from keras_ema import _packing
 from keras_ema import _saving
 from keras_ema import _settings
+from keras_ema import _swapping
 from keras_ema import _tf
 
 _SWAPPED_IN = (
@@ -25,22 +26,8 @@ _SWAPPED_IN = (
     "training weights back."
 )
 
-_ASSIGN_SWAPPED = (
-    "`assign_average_vars` does not support being called while the averages "
-    "are swapped in: the model already holds them. Instead, call it after "
-    "swapping back."
-)
-
-
-_LOST = (
-    "keras-ema: a compiled JAX step failed while the averages were swapped "
-    "in, and consumed their buffers (Keras donates the state to each step). "
-    "The raw weights are back; the lost averages restart from them."
-)
-
-
 @keras.saving.register_keras_serializable(package="keras_ema")
-class ExponentialMovingAverage(keras.optimizers.Optimizer):
+class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
     """Optimizer that keeps an exponential moving average of the weights.
 
     Wraps any Keras optimizer. After every real update of the inner optimizer
@@ -103,31 +90,6 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
     ```
     """
 
-
-    trainable_weights_only = _settings.FixedOnceBuilt(
-        lambda v: _checks.check_bool(v, "trainable_weights_only"),
-        "the averages of the model's variables were chosen with it.",
-    )
-    start_step = _settings.FixedOnceBuilt(
-        lambda v: _checks.check_step_count(v, "start_step", minimum=0),
-        "the compiled train step reads it once, when it is traced.",
-    )
-    dynamic_decay = _settings.FixedOnceBuilt(
-        lambda v: _checks.check_bool(v, "dynamic_decay"),
-        "the compiled train step reads it once, when it is traced.",
-    )
-    update_every = _settings.FixedOnceBuilt(
-        lambda v: _checks.check_step_count(v, "update_every", minimum=1),
-        "the compiled train step reads it once, when it is traced.",
-    )
-    average_dtype = _settings.FixedOnceBuilt(
-        lambda v: None if v is None else _checks.check_float_dtype(v),
-        "the averages were created with it.",
-    )
-    exclude = _settings.FixedOnceBuilt(
-        _checks.compile_patterns,
-        "the averages of the model's variables were chosen with it.",
-    )
 
     def __init__(
         self,
@@ -329,7 +291,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             model = _model.get(self._averaged)
             raise ValueError(
                 "ExponentialMovingAverage does not support training "
-                f"variables it was not built with: {_paths(unknown)}"
+                f"variables it was not built with: {_averages.paths(unknown)}"
                 + (f" (it averages the weights of {model.name!r})"
                    if model is not None else "")
                 + ". Instead, compile each model with its own optimizer, "
@@ -404,44 +366,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
         complete. Prefer `averaged_weights()`, which swaps back for you.
         """
         self._check_ready("swap_weights")
-        if not _tf.executing_eagerly():
-            self._swap()
-            return
-        model = _model.get(self._averaged)
-        if model is not None:
-            # A refused step must find the guard (installed once).
-            _model.install_guard(model, self)
-        with _atomic.deferred_signals():
-            going_in = not self.averages_swapped_in
-            lost = self._lost_weights(going_in)
-            self._swap()
-            # An eager `strategy.run` runs this once per replica: set, not
-            # flip.
-            self._swapped_in = going_in
-        if lost:
-            warnings.warn(_LOST)
-
-    def _swap(self):
-        swapped = ops.copy(self._swapped)
-        _averages.for_each(
-            self, self._averaged.entries, _averages.swap, swapped
-        )
-        self._swapped.assign(ops.subtract(1, swapped))
-
-    def _lost_weights(self, going_in):
-        """Model variables that a JAX trainer left without a value."""
-        lost = [e[0] for e in self._averaged.entries if _averages.is_lost(e[0])]
-        if lost:
-            _model.sync(self._averaged)
-            lost = [v for v in lost if _averages.is_lost(v)]
-        if lost and going_in:
-            raise ValueError(
-                "ExponentialMovingAverage cannot swap the averages in: "
-                f"{_paths(lost)} hold no value (a JAX `fit`, `evaluate` or "
-                "`predict` that raised left them cleared). Instead, call "
-                "`model.jax_state_sync()` first."
-            )
-        return lost
+        _swapping.swap_weights(self)
 
     @property
     def averages_swapped_in(self):
@@ -484,29 +409,7 @@ class ExponentialMovingAverage(keras.optimizers.Optimizer):
             var_list: Variables, e.g. `model.variables`.
         """
         self._check_ready("assign_average_vars")
-        var_list = _checks.check_variables(var_list, "assign_average_vars")
-        if _tf.executing_eagerly() and self.averages_swapped_in:
-            raise ValueError(_ASSIGN_SWAPPED)
-        chosen, missing = [], []
-        for v in var_list:
-            if self.average(v) is not None:
-                chosen.append(v)
-            elif _creating.should_average(self, v) and (
-                v.trainable or not self.trainable_weights_only
-            ):
-                missing.append(v)
-        if missing:
-            raise ValueError(
-                "`assign_average_vars` got variables that should have an "
-                f"average but have none: {_paths(missing)}. Instead, pass "
-                "the variables of the model this optimizer trains, or create "
-                "their averages with `shadow_copy(model)` "
-                "(`trainable_weights_only=False` for non-trainable ones)."
-            )
-        index = self._averaged.index
-        entries = [self._averaged.entries[index[self._var_key(v)]] for v in chosen]
-        with self._not_swapped_in(_ASSIGN_SWAPPED), _atomic.deferred_signals():
-            _averages.for_each(self, entries, _averages.assign)
+        _swapping.assign_average_vars(self, var_list)
 
     def _not_swapped_in(self, message=_SWAPPED_IN):
         """Context for an update: it fails, before anything moves, while the
@@ -592,11 +495,3 @@ def find_in_model(model, user):
             "the model with `keras_ema.ExponentialMovingAverage(optimizer)`."
         )
     return found
-
-
-def _path(variable):
-    return _averages.path(variable)
-
-
-def _paths(variables):
-    return ", ".join(_path(v) for v in variables)
