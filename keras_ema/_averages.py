@@ -50,6 +50,39 @@ class Averaged:
         self.foreign = None
 
 
+def update_averages(optimizer, moved, entries=None):
+    """Counts a (possibly skipped) real update and moves the averages."""
+    step = ops.add(optimizer._step, ops.cast(moved, optimizer._step.dtype))
+    optimizer._step.assign(step)
+    if entries is None:
+        entries = optimizer._averaged.entries
+    move_averages(optimizer, entries, moved, step)
+
+
+def move_averages(optimizer, entries, moved, step):
+    """Moves the averages of `entries` for real-update count `step`."""
+    since_start = ops.subtract(step, optimizer.start_step)
+    n = ops.maximum(ops.subtract(since_start, 1), 0)
+    decay = optimizer._decay_at(n)
+    averaging = ops.logical_and(moved, ops.greater(since_start, 0))
+    if optimizer.update_every > 1:
+        decay = ops.power(decay, optimizer.update_every)
+        due = ops.equal(ops.mod(since_start, optimizer.update_every), 0)
+        averaging = ops.logical_and(averaging, due)
+    # Branch-free: a step that must not move uses factor 0, which leaves
+    # the average bit-exact, with no conditional per variable. With
+    # `update_every`, most steps have nothing to do: on TensorFlow they
+    # skip the work under one conditional.
+    factor = ops.multiply(ops.cast(averaging, "float32"), 1.0 - decay)
+    fn, args, busy = move, (factor,), averaging
+    if optimizer.start_step:
+        copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
+        fn, args = move_or_copy, (factor, copying)
+        busy = ops.logical_or(averaging, copying)
+    when = busy if optimizer.update_every > 1 else None
+    for_each(optimizer, entries, fn, *args, when=when)
+
+
 def for_each(optimizer, entries, fn, *args, when=None):
     """Calls `fn(average, weight, backup, *args)` for each entry.
 

@@ -25,6 +25,8 @@ import keras
 from keras import ops
 from keras.src.backend import StatelessScope
 
+from keras_ema import _averages
+
 _WARNING = (
     "keras-ema: the averages are swapped into the model, so the train steps "
     "change nothing until `optimizer.swap_weights()` puts the training "
@@ -79,7 +81,9 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
         zip(optimizer._trainable_variables, new_trainable)
     )
     with StatelessScope(state_mapping=mapping) as scope:
-        optimizer._update_averages(moved, _entries(optimizer, built=True))
+        _averages.update_averages(
+            optimizer, moved, _entries(optimizer, built=True)
+        )
     new_values = [scope.get_current_value(v) for v in variables]
     return new_trainable, keep_if_swapped(optimizer_variables, new_values)
 
@@ -126,7 +130,7 @@ def _move_model_averages(optimizer, model, trainable, non_trainable, before,
         + list(zip(model.non_trainable_variables, non_trainable))
     )
     with StatelessScope(state_mapping=mapping) as scope:
-        optimizer._move_averages(entries, moved, step)
+        _averages.move_averages(optimizer, entries, moved, step)
     return [scope.get_current_value(v) for v in variables]
 
 

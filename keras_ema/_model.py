@@ -19,9 +19,13 @@ The model is held by a weak reference: the optimizer does not keep it alive.
 """
 
 import sys
+import warnings
 import weakref
 
 import keras
+
+from keras_ema import _averages
+from keras_ema import _tf
 
 _SEARCH_DEPTH = 8
 
@@ -100,3 +104,63 @@ def install_guard(model, optimizer):
         # `make_train_function` bound the old `train_step`; rebuild it
         # rather than drop it, as `fit` builds it before `on_train_begin`.
         model.make_train_function(force=True)
+
+
+def register_with(optimizer, model):
+    """Makes `model` the optimizer's model, or raises if it has another."""
+    known = get(optimizer._averaged)
+    if known is model:
+        return
+    if known is not None or (
+        optimizer.built and not owns(model, optimizer._trainable_variables)
+    ):
+        raise other_model_error(optimizer, model, known or model)
+    register(optimizer._averaged, model)
+    if _tf.executing_eagerly():
+        install_guard(model, optimizer)
+
+
+def check_known(optimizer, variables):
+    """Raises, naming them, if `variables` are not the ones it was built for."""
+    unknown = [
+        v for v in variables
+        if optimizer._var_key(v) not in optimizer._trainable_variables_indices
+    ]
+    if unknown:
+        model = get(optimizer._averaged)
+        raise ValueError(
+            "ExponentialMovingAverage does not support training "
+            f"variables it was not built with: {_averages.paths(unknown)}"
+            + (f" (it averages the weights of {model.name!r})"
+               if model is not None else "")
+            + ". Instead, compile each model with its own optimizer, "
+            "e.g. `keras_ema.ExponentialMovingAverage.from_config("
+            "opt.get_config())`."
+        )
+
+
+def foreign_step(optimizer, optimizer_variables, trainable_variables):
+    """On JAX, the unchanged state for a step of another model's `fit`.
+
+    Raising there would lose the state the trainer took out of the
+    variables; the step changes nothing and `fit` raises at its end
+    (`check_no_foreign`). None for a step of the optimizer's own model.
+    """
+    model, known = calling_model(skip=2), get(optimizer._averaged)
+    if model is None or known is None or model is known:
+        return None
+    optimizer._averaged.foreign = model
+    warnings.warn(str(other_model_error(optimizer, model, known)))
+    from keras_ema import _jax
+
+    return (
+        [_jax._read(v) for v in trainable_variables],
+        [_jax._read(v) for v in optimizer_variables],
+    )
+
+
+def check_no_foreign(optimizer):
+    """Raises at the end of a JAX `fit` of another model (`foreign_step`)."""
+    foreign, optimizer._averaged.foreign = optimizer._averaged.foreign, None
+    if foreign is not None:
+        raise other_model_error(optimizer, foreign, get(optimizer._averaged))

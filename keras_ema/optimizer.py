@@ -156,7 +156,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         # Built by a trainer (`fit`, loading a model): that is its model.
         model = _model.calling_model()
         if model is not None and _model.owns(model, var_list):
-            self._register(model)
+            _model.register_with(self, model)
         # Created eagerly, also when `fit` builds the optimizer while tracing
         # its step, so that values loaded before (a file read into an
         # optimizer not built yet) can be restored right away.
@@ -196,25 +196,13 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         """
         _checks.check_model(model, "shadow_copy")
         with _tf.strategy_scope(self):
-            self._register(model)
+            _model.register_with(self, model)
             if not model.variables:
                 return
             if not self.built:
                 self.build(model.trainable_variables)
             _creating.add_extra_averages(self, model)
             _creating.start_averages(self)
-
-    def _register(self, model):
-        known = _model.get(self._averaged)
-        if known is model:
-            return
-        if known is not None or (
-            self.built and not _model.owns(model, self._trainable_variables)
-        ):
-            raise _model.other_model_error(self, model, known or model)
-        _model.register(self._averaged, model)
-        if _tf.executing_eagerly():
-            _model.install_guard(model, self)
 
     @property
     def has_shadow_copy(self):
@@ -257,7 +245,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             with _tf.strategy_scope(self):
                 self.build(trainable_variables)
         elif trainable_variables is not None:
-            self._check_known(trainable_variables)
+            _model.check_known(self, trainable_variables)
         _creating.start_averages(self)
         _saving.check_no_pending(self, "train")
         if self._swapped_in:
@@ -280,24 +268,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         before = ops.copy(before)
         self.inner_optimizer.apply(grads, trainable_variables)
         moved = ops.not_equal(self.inner_optimizer.iterations, before)
-        self._update_averages(moved)
-
-    def _check_known(self, variables):
-        unknown = [
-            v for v in variables
-            if self._var_key(v) not in self._trainable_variables_indices
-        ]
-        if unknown:
-            model = _model.get(self._averaged)
-            raise ValueError(
-                "ExponentialMovingAverage does not support training "
-                f"variables it was not built with: {_averages.paths(unknown)}"
-                + (f" (it averages the weights of {model.name!r})"
-                   if model is not None else "")
-                + ". Instead, compile each model with its own optimizer, "
-                "e.g. `keras_ema.ExponentialMovingAverage.from_config("
-                "opt.get_config())`."
-            )
+        _averages.update_averages(self, moved)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if keras.backend.backend() != "jax":
@@ -311,49 +282,14 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         # exception would lose it. A step for another model changes nothing
         # and `fit` raises at its end (`finalize_variable_values`); a step
         # on swapped-in averages refuses by itself.
-        model, known = _model.calling_model(), _model.get(self._averaged)
-        if model is not None and known is not None and model is not known:
-            self._averaged.foreign = model
-            warnings.warn(str(_model.other_model_error(self, model, known)))
-            return (
-                [_jax._read(v) for v in trainable_variables],
-                [_jax._read(v) for v in optimizer_variables],
-            )
+        foreign = _model.foreign_step(self, optimizer_variables, trainable_variables)
+        if foreign is not None:
+            return foreign
         _saving.warn_pending(self)
         self._trained = True
         return _jax.stateless_apply(
             self, optimizer_variables, grads, trainable_variables
         )
-
-    def _update_averages(self, moved, entries=None):
-        step = ops.add(self._step, ops.cast(moved, self._step.dtype))
-        self._step.assign(step)
-        self._move_averages(
-            self._averaged.entries if entries is None else entries, moved, step
-        )
-
-    def _move_averages(self, entries, moved, step):
-        """Moves the averages of `entries` for real-update count `step`."""
-        since_start = ops.subtract(step, self.start_step)
-        n = ops.maximum(ops.subtract(since_start, 1), 0)
-        decay = self._decay_at(n)
-        averaging = ops.logical_and(moved, ops.greater(since_start, 0))
-        if self.update_every > 1:
-            decay = ops.power(decay, self.update_every)
-            due = ops.equal(ops.mod(since_start, self.update_every), 0)
-            averaging = ops.logical_and(averaging, due)
-        # Branch-free: a step that must not move uses factor 0, which leaves
-        # the average bit-exact, with no conditional per variable. With
-        # `update_every`, most steps have nothing to do: on TensorFlow they
-        # skip the work under one conditional.
-        factor = ops.multiply(ops.cast(averaging, "float32"), 1.0 - decay)
-        fn, args, busy = _averages.move, (factor,), averaging
-        if self.start_step:
-            copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
-            fn, args = _averages.move_or_copy, (factor, copying)
-            busy = ops.logical_or(averaging, copying)
-        when = busy if self.update_every > 1 else None
-        _averages.for_each(self, entries, fn, *args, when=when)
 
     # -- swapping -------------------------------------------------------------
 
@@ -449,9 +385,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
     def finalize_variable_values(self, var_list):
         # `fit` calls this at its end with its model's weights, also on JAX,
         # where its steps for another model changed nothing.
-        foreign, self._averaged.foreign = self._averaged.foreign, None
-        if foreign is not None:
-            raise _model.other_model_error(self, foreign, _model.get(self._averaged))
+        _model.check_no_foreign(self)
         if keras.backend.backend() == "jax" and self._swapped_in:
             warnings.warn(
                 "keras-ema: this `fit` changed nothing: the averages are "
