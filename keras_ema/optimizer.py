@@ -244,8 +244,6 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                 )
             with _tf.strategy_scope(self):
                 self.build(trainable_variables)
-        elif trainable_variables is not None:
-            _model.check_known(self, trainable_variables)
         _creating.start_averages(self)
         _saving.check_no_pending(self, "train")
         if self._swapped_in:
@@ -266,7 +264,15 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         # accumulation (its `iterations` counts real updates only) and an
         # inner LossScaleOptimizer that skips a non-finite step.
         before = ops.copy(before)
-        self.inner_optimizer.apply(grads, trainable_variables)
+        try:
+            self.inner_optimizer.apply(grads, trainable_variables)
+        except ValueError:
+            # Keras' own check refused unknown variables before anything
+            # moved; ours names them and the model. Only here: it costs a
+            # lookup per variable, every step on torch.
+            if trainable_variables is not None:
+                _model.check_known(self, trainable_variables)
+            raise
         moved = ops.not_equal(self.inner_optimizer.iterations, before)
         _averages.update_averages(self, moved)
 

@@ -5,7 +5,12 @@ import keras
 import numpy as np
 import pytest
 from conftest import BACKEND, bits, regression_data, small_model, sync
-from test_callbacks import X_NAN, _finite_checking_model, _step_error
+from test_callbacks import X_NAN
+from test_callbacks import _assert_same
+from test_callbacks import _averages
+from test_callbacks import _finite_checking_model
+from test_callbacks import _step_error
+from test_callbacks import _weights
 
 import keras_ema
 from keras_ema import AverageModelCheckpoint, SwapAverageWeights
@@ -28,21 +33,6 @@ def _compiled(check_finite=False):
     )
     model.compile(optimizer=opt, loss="mse")
     return model, opt
-
-
-def _weights(model):
-    return [bits(v) for v in model.weights]
-
-
-def _averages(model, opt):
-    averages = [opt.average(v) for v in model.weights]
-    return [bits(a) for a in averages if a is not None]
-
-
-def _assert_same(actual, expected):
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        np.testing.assert_array_equal(a, e)
 
 
 def _fit(model, callbacks=(), epochs=3, validation=True):

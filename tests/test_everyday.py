@@ -7,7 +7,6 @@ import pickle
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
 from conftest import bits
 from conftest import numpy
 from conftest import regression_data
@@ -249,6 +248,18 @@ def _assert_same(a, b):
     assert len(a[1]) == len(b[1]) and a[2] == b[2]
 
 
+def _assert_resumes_exactly(model, opt, loaded, loaded_opt, moment):
+    """The loaded model trains on bit for bit like the one it was saved from."""
+    if moment == "swapped_in":
+        assert loaded_opt.averages_swapped_in
+        opt.swap_weights()
+        loaded_opt.swap_weights()
+    for seed in (1, 2):
+        _train(model, seed)
+        _train(loaded, seed)
+    _assert_same(_state(model, opt), _state(loaded, loaded_opt))
+
+
 @pytest.mark.parametrize("moment", ["compiled", "trained", "swapped_in"])
 @pytest.mark.parametrize("form", ["keras", "weights"])
 @pytest.mark.parametrize("trainable_weights_only", [True, False],
@@ -272,14 +283,7 @@ def test_a_file_saved_at_any_moment_resumes_exactly(
         loaded.load_weights(path)
     loaded_opt = keras_ema.optimizer.find_in_model(loaded, "test")
     loaded_opt.shadow_copy(loaded)  # builds an optimizer not built yet
-    if moment == "swapped_in":
-        assert loaded_opt.averages_swapped_in
-        opt.swap_weights()
-        loaded_opt.swap_weights()
-    for seed in (1, 2):
-        _train(model, seed)
-        _train(loaded, seed)
-    _assert_same(_state(model, opt), _state(loaded, loaded_opt))
+    _assert_resumes_exactly(model, opt, loaded, loaded_opt, moment)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
@@ -375,14 +379,7 @@ def test_a_tf_train_checkpoint_at_any_moment_resumes_exactly(tmp_path, moment):
     loaded, loaded_opt = _fresh()
     loaded_opt.shadow_copy(loaded)
     tf.train.Checkpoint(model=loaded, optimizer=loaded_opt).restore(path)
-    if moment == "swapped_in":
-        assert loaded_opt.averages_swapped_in
-        opt.swap_weights()
-        loaded_opt.swap_weights()
-    for seed in (1, 2):
-        _train(model, seed)
-        _train(loaded, seed)
-    _assert_same(_state(model, opt), _state(loaded, loaded_opt))
+    _assert_resumes_exactly(model, opt, loaded, loaded_opt, moment)
 
 
 def test_a_file_with_non_trainable_averages_names_trainable_weights_only(
