@@ -12,9 +12,42 @@ from keras import ops
 
 from keras_ema import _averages
 from keras_ema import _checks
+from keras_ema import _decay_variables
+from keras_ema import _model
 from keras_ema import _packing
 from keras_ema import _saving
 from keras_ema import _tf
+
+
+def build(optimizer, var_list, build_base):
+    """`optimizer.build(var_list)`: its state, the inner optimizer's, the
+    averages; `build_base` is Keras' `Optimizer.build` (index maps)."""
+    # Built by a trainer (`fit`, loading a model): that is its model.
+    model = _model.calling_model(skip=2)
+    if model is not None and _model.owns(model, var_list):
+        _model.register_with(optimizer, model)
+    # Created eagerly, also when `fit` builds the optimizer while tracing
+    # its step, so that values loaded before (a file read into an optimizer
+    # not built yet) can be restored right away.
+    with _tf.eager_scope():
+        optimizer._step = optimizer.add_variable(
+            shape=(), dtype="int", aggregation="only_first_replica",
+            name="average_step",
+        )
+        optimizer._swapped = optimizer.add_variable(
+            shape=(), dtype="int", aggregation="only_first_replica",
+            name="averages_swapped_in",
+        )
+        optimizer.inner_optimizer.build(var_list)
+    _decay_variables.create(optimizer)
+    build_base(var_list)
+    add_averages(
+        optimizer, [v for v in var_list if should_average(optimizer, v)]
+    )
+    model = _model.get(optimizer._averaged)
+    if model is not None:
+        add_extra_averages(optimizer, model)
+    start_averages(optimizer)
 
 
 def add_averages(optimizer, weights):

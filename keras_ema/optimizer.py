@@ -150,33 +150,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         # of a mirrored variable here) lets the first build and the others
         # find it built.
         if not self.built:
-            self._build(list(var_list))
-
-    def _build(self, var_list):
-        # Built by a trainer (`fit`, loading a model): that is its model.
-        model = _model.calling_model()
-        if model is not None and _model.owns(model, var_list):
-            _model.register_with(self, model)
-        # Created eagerly, also when `fit` builds the optimizer while tracing
-        # its step, so that values loaded before (a file read into an
-        # optimizer not built yet) can be restored right away.
-        with _tf.eager_scope():
-            self._step = self.add_variable(
-                shape=(), dtype="int", aggregation="only_first_replica",
-                name="average_step",
-            )
-            self._swapped = self.add_variable(
-                shape=(), dtype="int", aggregation="only_first_replica",
-                name="averages_swapped_in",
-            )
-            self.inner_optimizer.build(var_list)
-        _decay_variables.create(self)
-        super().build(var_list)
-        _creating.add_averages(self, [v for v in var_list if _creating.should_average(self, v)])
-        model = _model.get(self._averaged)
-        if model is not None:
-            _creating.add_extra_averages(self, model)
-        _creating.start_averages(self)
+            _creating.build(self, list(var_list), super().build)
 
     def shadow_copy(self, model):
         """Creates the averages of a model's weights, if not done yet.
