@@ -2,16 +2,26 @@
 
 from keras_ema import schedules
 from keras_ema.average_checkpoint import AverageModelCheckpoint
+from keras_ema.batch_norm import update_bn
 from keras_ema.callbacks import SwapAverageWeights
 from keras_ema.export import export_averaged
 from keras_ema.optimizer import ExponentialMovingAverage
+from keras_ema.posthoc_ema import PostHocEMA
+from keras_ema.snapshots import PostHocSnapshots
+from keras_ema.sweep import sweep_sigma_rel
+from keras_ema.synthesis import synthesize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AverageModelCheckpoint",
     "ExponentialMovingAverage",
+    "PostHocEMA",
+    "PostHocSnapshots",
     "SwapAverageWeights",
     "export_averaged",
     "schedules",
+    "sweep_sigma_rel",
+    "synthesize",
+    "update_bn",
 ]

@@ -14,6 +14,7 @@ import functools
 import keras
 from keras import ops
 
+from keras_ema import _decay_variables
 from keras_ema import _packing
 
 
@@ -63,17 +64,16 @@ def move_averages(optimizer, entries, moved, step):
     """Moves the averages of `entries` for real-update count `step`."""
     since_start = ops.subtract(step, optimizer.start_step)
     n = ops.maximum(ops.subtract(since_start, 1), 0)
-    decay = optimizer._decay_at(n)
+    complement = _decay_variables.complement_at(optimizer, n)
     averaging = ops.logical_and(moved, ops.greater(since_start, 0))
     if optimizer.update_every > 1:
-        decay = ops.power(decay, optimizer.update_every)
         due = ops.equal(ops.mod(since_start, optimizer.update_every), 0)
         averaging = ops.logical_and(averaging, due)
     # Branch-free: a step that must not move uses factor 0, which leaves
     # the average bit-exact, with no conditional per variable. With
     # `update_every`, most steps have nothing to do: on TensorFlow they
     # skip the work under one conditional.
-    factor = ops.multiply(ops.cast(averaging, "float32"), 1.0 - decay)
+    factor = ops.multiply(ops.cast(averaging, "float32"), complement)
     fn, args, busy = move, (factor,), averaging
     if optimizer.start_step:
         copying = ops.logical_and(moved, ops.less_equal(since_start, 0))

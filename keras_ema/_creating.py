@@ -83,7 +83,10 @@ def start_averages(optimizer):
         entries = [e for e in averaged.entries if id(e[0]) in todo]
         with _tf.eager_scope():
             _averages.for_each(optimizer, entries, _averages.start)
-    _saving.restore_deferred(optimizer)
+    # Values that `load_weights` read into an unbuilt optimizer wait for
+    # `build`: restoring them earlier would find no averages.
+    if optimizer.built:
+        _saving.restore_deferred(optimizer)
 
 
 def add_extra_averages(optimizer, model):

@@ -10,7 +10,6 @@ schedule, another schedule class), is refused once training started.
 """
 
 import keras
-from keras import ops
 
 from keras_ema import _checks
 from keras_ema import _tf
@@ -93,16 +92,21 @@ def _add(optimizer, name, value):
         )
 
 
-def decay_at(optimizer, n):
-    """The decay of EMA update `n`, read from the variables."""
+def complement_at(optimizer, n):
+    """`1 - decay` of the averaging update after real update `n + 1` since
+    `start_step`, read from the variables (`schedules.complement`)."""
     schedule = optimizer._schedule
     if schedule is None:
-        return schedules.number_rule(n, optimizer._decay, optimizer.dynamic_decay)
-    held = optimizer.__dict__.get("_schedule_values")
-    if held:
-        # Values, not variables: plain arithmetic on a variable inside a
-        # traced JAX step is refused.
-        schedule = schedules.with_values(
-            schedule, {k: v.value for k, v in held.items()}
-        )
-    return ops.cast(schedule(n), "float32")
+        def schedule(step):
+            return schedules.number_rule(
+                step, optimizer._decay, optimizer.dynamic_decay
+            )
+    else:
+        held = optimizer.__dict__.get("_schedule_values")
+        if held:
+            # Values, not variables: plain arithmetic on a variable inside a
+            # traced JAX step is refused.
+            schedule = schedules.with_values(
+                schedule, {k: v.value for k, v in held.items()}
+            )
+    return schedules.complement(schedule, n, optimizer.update_every)

@@ -26,6 +26,8 @@ from keras import ops
 from keras.src.backend import StatelessScope
 
 from keras_ema import _averages
+from keras_ema import _model
+from keras_ema import teacher
 
 _WARNING = (
     "keras-ema: the averages are swapped into the model, so the train steps "
@@ -39,31 +41,31 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
     # An outer LossScaleOptimizer passes variables, read through its scope.
     optimizer_variables = [_read(v) for v in optimizer_variables]
     trainable_variables = [_read(v) for v in trainable_variables]
-    swapped = ops.not_equal(
-        _value(optimizer, optimizer.variables, optimizer_variables,
-               optimizer._swapped),
-        0,
-    )
+    swapped = _any_swapped(optimizer, optimizer.variables, optimizer_variables)
     # A select, not a conditional around the step: XLA fuses it into the
     # update kernels, where a conditional (or a printing callback) would
     # cost a multiple of the step. The warning is given once, when the step
     # is compiled while the averages are known to be swapped in.
-    if optimizer._swapped_in:
+    chain = _model.chain(optimizer)
+    if any(averaging._swapped_in for averaging in chain):
         warnings.warn(_WARNING, stacklevel=2)
 
     def keep_if_swapped(old, new):
         return [ops.where(swapped, o, n) for o, n in zip(old, new)]
 
-    inner = optimizer.inner_optimizer
+    # This optimizer moves the averages of the ones it wraps too (the
+    # profiles of `PostHocEMA`), after one step of the optimizer they wrap.
+    base = chain[-1].inner_optimizer
     variables = optimizer.variables
-    own = len(variables) - len(inner.variables) - len(optimizer._averaged.extra)
-    inner_values = optimizer_variables[own : own + len(inner.variables)]
+    where = {id(v): i for i, v in enumerate(variables)}
+    base_at = [where[id(v)] for v in base.variables]
+    base_values = [optimizer_variables[i] for i in base_at]
     # The inner optimizer runs its own stateless path: it may branch, as a
     # LossScaleOptimizer does, which plain assignments could not.
-    with StatelessScope(state_mapping=list(zip(inner.variables, inner_values))):
-        before = ops.copy(inner.iterations)
-    new_trainable, new_inner = inner.stateless_apply(
-        inner_values, grads, trainable_variables
+    with StatelessScope(state_mapping=list(zip(base.variables, base_values))):
+        before = ops.copy(base.iterations)
+    new_trainable, new_base = base.stateless_apply(
+        base_values, grads, trainable_variables
     )
     new_trainable = keep_if_swapped(trainable_variables, new_trainable)
     # The averages read the new weights from memory. Without the barrier
@@ -71,19 +73,20 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
     # needs the old weight too: a copy of every weight per step, 2x-4x the
     # cost of the average itself.
     new_trainable = jax.lax.optimization_barrier(new_trainable)
-    with StatelessScope(state_mapping=list(zip(inner.variables, new_inner))):
-        moved = ops.not_equal(inner.iterations, before)
+    with StatelessScope(state_mapping=list(zip(base.variables, new_base))):
+        moved = ops.not_equal(base.iterations, before)
 
-    values = optimizer_variables[:own] + new_inner + optimizer_variables[
-        own + len(inner.variables) :
-    ]
+    values = list(optimizer_variables)
+    for i, value in zip(base_at, new_base):
+        values[i] = value
     mapping = list(zip(variables, values)) + list(
         zip(optimizer._trainable_variables, new_trainable)
     )
     with StatelessScope(state_mapping=mapping) as scope:
-        _averages.update_averages(
-            optimizer, moved, _entries(optimizer, built=True)
-        )
+        for averaging in chain:
+            _averages.update_averages(
+                averaging, moved, _entries(averaging, built=True)
+            )
     new_values = [scope.get_current_value(v) for v in variables]
     return new_trainable, keep_if_swapped(optimizer_variables, new_values)
 
@@ -93,19 +96,26 @@ def guarded_train_step(model, optimizer, original):
     changing nothing at all while the averages are swapped in."""
 
     def train_step(state, data):
+        if not any(p is optimizer for p in _model.chain(model.optimizer)):
+            # Left by an optimizer the model was compiled with before (e.g.
+            # by `clone_model`): the model's optimizer has its own guard.
+            return original(state, data)
         before = state[2]
-        logs, new_state = original(state, data)
+        # A teacher call in the step reads the averages from its state.
+        with teacher.stepping(model.optimizer.variables, before):
+            logs, new_state = original(state, data)
         trainable, non_trainable, values, metrics = new_state
+        # The state holds the values of the model's optimizer's variables,
+        # which may wrap this one (`PostHocEMA`, `LossScaleOptimizer`).
+        owner = model.optimizer.variables
         if optimizer._averaged.extra:
             values = _move_model_averages(
-                optimizer, model, trainable, non_trainable, before, values
+                optimizer, model, owner, trainable, non_trainable, before,
+                values,
             )
         # The optimizer kept the weights and its own state; the forward pass
         # moved the BatchNorm statistics: keep them too.
-        swapped = ops.not_equal(
-            _value(optimizer, optimizer.variables, before, optimizer._swapped),
-            0,
-        )
+        swapped = _any_swapped(optimizer, owner, before)
         non_trainable = [
             ops.where(swapped, old, new)
             for old, new in zip(state[1], non_trainable)
@@ -115,10 +125,9 @@ def guarded_train_step(model, optimizer, original):
     return train_step
 
 
-def _move_model_averages(optimizer, model, trainable, non_trainable, before,
-                         values):
+def _move_model_averages(optimizer, model, variables, trainable,
+                         non_trainable, before, values):
     entries = _entries(optimizer, built=False)
-    variables = optimizer.variables
     # The step counter moved iff the optimizer made a real update.
     step = _value(optimizer, variables, values, optimizer._step)
     moved = ops.not_equal(
@@ -132,6 +141,17 @@ def _move_model_averages(optimizer, model, trainable, non_trainable, before,
     with StatelessScope(state_mapping=mapping) as scope:
         _averages.move_averages(optimizer, entries, moved, step)
     return [scope.get_current_value(v) for v in variables]
+
+
+def _any_swapped(optimizer, variables, values):
+    """Whether any average of the chain is swapped in (`_model.chain`)."""
+    flags = [
+        ops.not_equal(_value(optimizer, variables, values, p._swapped), 0)
+        for p in _model.chain(optimizer)
+    ]
+    for flag in flags[1:]:
+        flags[0] = ops.logical_or(flags[0], flag)
+    return flags[0]
 
 
 def _entries(optimizer, built):

@@ -84,8 +84,12 @@ def install_guard(model, optimizer):
     BatchNorm statistics move; wrapping the instance's `train_step` (as
     Keras' own `jax_state_sync` users do with callbacks) is the one place.
     """
-    if getattr(vars(model).get("train_step"), "_keras_ema", None) is optimizer:
-        return
+    # Each `ExponentialMovingAverage` of a chain (`PostHocEMA`) adds its own.
+    step = vars(model).get("train_step")
+    while step is not None:
+        if getattr(step, "_keras_ema", None) is optimizer:
+            return
+        step = getattr(step, "_keras_ema_wrapped", None)
     backend = keras.backend.backend()
     original = model.train_step
     if backend == "jax":
@@ -99,6 +103,7 @@ def install_guard(model, optimizer):
                 return original(data)
 
     train_step._keras_ema = optimizer
+    train_step._keras_ema_wrapped = vars(model).get("train_step")
     model.train_step = train_step
     if getattr(model, "train_function", None) is not None:
         # `make_train_function` bound the old `train_step`; rebuild it
@@ -118,6 +123,19 @@ def register_with(optimizer, model):
     register(optimizer._averaged, model)
     if _tf.executing_eagerly():
         install_guard(model, optimizer)
+
+
+def chain(optimizer):
+    """`optimizer` and the `ExponentialMovingAverage`s it wraps, outermost
+    first (`PostHocEMA` keeps one per profile)."""
+    from keras_ema.optimizer import ExponentialMovingAverage
+
+    found = []
+    while optimizer is not None:
+        if isinstance(optimizer, ExponentialMovingAverage):
+            found.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return found
 
 
 def check_known(optimizer, variables):
@@ -164,3 +182,24 @@ def check_no_foreign(optimizer):
     foreign, optimizer._averaged.foreign = optimizer._averaged.foreign, None
     if foreign is not None:
         raise other_model_error(optimizer, foreign, get(optimizer._averaged))
+
+
+def find_in_model(model, user):
+    """The model's `ExponentialMovingAverage`, also when it is wrapped.
+
+    Under mixed_float16, `compile()` wraps it in a `LossScaleOptimizer`;
+    `user` names the caller in the error raised when there is none.
+    """
+    from keras_ema.optimizer import ExponentialMovingAverage
+
+    optimizer = getattr(model, "optimizer", None)
+    found = optimizer
+    while found is not None and not isinstance(found, ExponentialMovingAverage):
+        found = getattr(found, "inner_optimizer", None)
+    if found is None:
+        raise ValueError(
+            f"{user} does not support a model whose optimizer keeps no "
+            f"averages. Received: optimizer={optimizer!r}. Instead, compile "
+            "the model with `keras_ema.ExponentialMovingAverage(optimizer)`."
+        )
+    return found

@@ -178,6 +178,8 @@ def check_zero(flag, message):
 
 
 def _assert_zero(flag, message):
-    value = flag.value
     tf = _tensorflow()
+    # One flag, or several (the swap flags of a `PostHocEMA`'s profiles).
+    flags = flag if isinstance(flag, (list, tuple)) else [flag]
+    value = tf.add_n([f.value for f in flags])
     return tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)

@@ -30,6 +30,8 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         update_weights: If `True`, overwrite the model's weights with their
             averages before each save; training continues from them. Else
             the model keeps its training weights.
+        sigma_rel: With a `PostHocEMA` optimizer, the width whose averages
+            to save (default: its first).
         **kwargs: Any other argument of `keras.callbacks.ModelCheckpoint`:
             `monitor`, `save_best_only`, `save_weights_only`, `save_freq`...
 
@@ -48,8 +50,12 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
     ```
     """
 
-    def __init__(self, filepath, update_weights=False, **kwargs):
+    def __init__(self, filepath, update_weights=False, sigma_rel=None,
+                 **kwargs):
         super().__init__(filepath, **kwargs)
+        self.sigma_rel = sigma_rel
+        # What `averaged_weights` and `assign_average_vars` are given.
+        self._which = {} if sigma_rel is None else {"sigma_rel": sigma_rel}
         if not isinstance(update_weights, bool):
             raise ValueError(
                 "AverageModelCheckpoint requires `update_weights` to be True "
@@ -80,14 +86,15 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
             # check above, then removes itself at the first validation.
             self._check_monitor_on_averages()
         if not self.update_weights:
-            with opt.averaged_weights():
+            with opt.averaged_weights(**self._which):
                 self._save_model_atomically(epoch, batch, logs)
             return
         # While swapped in, the optimizer holds the raw weights in place of
         # the averages: swap back before copying the averages in.
         _swap_out(opt)
         opt.assign_average_vars(
-            [v for v in self.model.variables if opt.average(v) is not None]
+            [v for v in self.model.variables if opt.average(v) is not None],
+            **self._which,
         )
         self._save_model_atomically(epoch, batch, logs)
 

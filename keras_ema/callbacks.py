@@ -4,6 +4,7 @@ import sys
 
 import keras
 
+from keras_ema import batch_norm
 from keras_ema.optimizer import find_in_model
 
 
@@ -60,6 +61,22 @@ class SwapAverageWeights(keras.callbacks.Callback):
         log_raw_metrics: If `True`, validation also runs on the raw weights
             and logs those metrics as `val_raw_<name>` next to the
             `val_<name>` measured on the averages.
+        update_bn_data: Inputs to recompute the BatchNormalization
+            statistics for the averaged weights with (`keras_ema.update_bn`,
+            the step of stochastic weight averaging), typically (part of)
+            the training inputs, in any form `update_bn` takes but an
+            iterator, which the first pass would use up. Each validation in
+            `fit`, and each `evaluate` and `predict` given this callback,
+            then starts with one pass over it, once the averages are in.
+            When it ends, the statistics that were in the model (the raw
+            ones, or their averages under `trainable_weights_only=False`)
+            are put back exactly: the recomputed ones serve that call only.
+            `None` (default): the averages run with the statistics in the
+            model.
+        update_bn_steps: The most batches of `update_bn_data` to use per
+            pass, or `None` (default) for all.
+        sigma_rel: With a `PostHocEMA` optimizer, the width whose averages
+            to swap in (default: its first).
 
     Example:
 
@@ -71,6 +88,11 @@ class SwapAverageWeights(keras.callbacks.Callback):
         callbacks=[keras_ema.SwapAverageWeights(log_raw_metrics=True)],
     )
     model.predict(x_val, callbacks=[keras_ema.SwapAverageWeights()])
+    # SWA: validate with BatchNorm statistics recomputed for the averages.
+    model.fit(
+        x, y, validation_data=(x_val, y_val), epochs=10,
+        callbacks=[keras_ema.SwapAverageWeights(update_bn_data=x)],
+    )
     # Stop early, ending with the best averages in the model.
     model.fit(
         x, y, validation_data=(x_val, y_val), epochs=10,
@@ -87,6 +109,9 @@ class SwapAverageWeights(keras.callbacks.Callback):
         swap_on_epoch=False,
         end_with_averages=False,
         log_raw_metrics=False,
+        update_bn_data=None,
+        update_bn_steps=None,
+        sigma_rel=None,
     ):
         super().__init__()
         for name, value in (
@@ -102,7 +127,15 @@ class SwapAverageWeights(keras.callbacks.Callback):
         self.swap_on_epoch = swap_on_epoch
         self.end_with_averages = end_with_averages
         self.log_raw_metrics = log_raw_metrics
+        self.sigma_rel = sigma_rel
+        # What `swap_weights` and `averaged_weights` are given.
+        self._which = {} if sigma_rel is None else {"sigma_rel": sigma_rel}
+        self.update_bn_data = update_bn_data
+        self.update_bn_steps = batch_norm.check_options(
+            update_bn_data, update_bn_steps, "SwapAverageWeights"
+        )
         self._call = None
+        self._validating = False
 
     # -- fit ------------------------------------------------------------------
 
@@ -111,8 +144,18 @@ class SwapAverageWeights(keras.callbacks.Callback):
         opt = find_in_model(self.model, "SwapAverageWeights")
         opt.shadow_copy(self.model)
         _swap_out(opt)
+        if self._which:
+            if not hasattr(opt, "sigma_rels"):
+                raise ValueError(
+                    "SwapAverageWeights does not support `sigma_rel` with an "
+                    "optimizer that keeps one average. Instead, leave "
+                    "`sigma_rel=None`, or train with `keras_ema.PostHocEMA`."
+                )
+            opt.profile(self.sigma_rel)  # raises for an untracked width
         _uninstall(self.model)
         self._check_order()
+        if self.update_bn_data is not None:
+            batch_norm.check_has_layers(self.model, "SwapAverageWeights")
         self._install()
 
     def _check_order(self):
@@ -152,13 +195,16 @@ class SwapAverageWeights(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.swap_on_epoch:
-            _swap_in(find_in_model(self.model, "SwapAverageWeights"))
+            _swap_in(find_in_model(self.model, "SwapAverageWeights"),
+                     self._which)
 
     def on_train_end(self, logs=None):
         _uninstall(self.model, owner=self)
         opt = find_in_model(self.model, "SwapAverageWeights")
-        if opt.averages_swapped_in != self.end_with_averages:
-            opt.swap_weights()
+        if self.end_with_averages:
+            _swap_in(opt, self._which)
+        else:
+            _swap_out(opt)
 
     def _install(self):
         # `fit` has no try/finally, so hooks alone cannot swap back when
@@ -190,14 +236,33 @@ class SwapAverageWeights(keras.callbacks.Callback):
             # validation per epoch, the one on the averages.
             quiet = {**kwargs, "callbacks": None, "verbose": 0}
             raw = evaluate(*args, **quiet)
-        with opt.averaged_weights():
+        with opt.averaged_weights(**self._which):
+            saved = self._record_statistics()
             try:
+                self._validating = True
+                self._update_bn()
                 logs = evaluate(*args, **kwargs)
             finally:
+                self._validating = False
                 _reattach(self.model)
+                batch_norm.put_back(saved)
         if raw is not None:
             logs.update({f"raw_{name}": value for name, value in raw.items()})
         return logs
+
+    # -- BatchNormalization statistics (`update_bn_data`) ---------------------
+
+    def _record_statistics(self):
+        """Copies of the statistics `_update_bn` would overwrite."""
+        if self.update_bn_data is None:
+            return []
+        return batch_norm.record_statistics(self.model)
+
+    def _update_bn(self):
+        if self.update_bn_data is not None:
+            batch_norm.update_bn(
+                self.model, self.update_bn_data, self.update_bn_steps
+            )
 
     # -- evaluate and predict -------------------------------------------------
 
@@ -220,7 +285,18 @@ class SwapAverageWeights(keras.callbacks.Callback):
         opt = find_in_model(self.model, "SwapAverageWeights")
         function = getattr(self.model, name)
         function = getattr(function, "_keras_ema_original", function)
-        swapped = _swap_in(opt)
+        swapped = _swap_in(opt, self._which)
+        saved = []
+        try:
+            # Within fit's validation, `_validate` recomputes them.
+            if not self._validating:
+                saved = self._record_statistics()
+                self._update_bn()
+        except BaseException:
+            batch_norm.put_back(saved)
+            if swapped:
+                _swap_out(opt)
+            raise
 
         # A step that raises swaps back before the error leaves `evaluate`
         # or `predict`, which have no try/finally either. On JAX the step
@@ -236,17 +312,18 @@ class SwapAverageWeights(keras.callbacks.Callback):
 
         guarded._keras_ema_original = function
         setattr(self.model, name, guarded)
-        self._call = (opt, name, function, swapped)
+        self._call = (opt, name, function, swapped, saved)
 
     def _end_call(self):
         if self._call is None:
             return
-        opt, name, function, swapped = self._call
+        opt, name, function, swapped, saved = self._call
         self._call = None
         setattr(self.model, name, function)
         # A call that an error ended outside the steps (another callback)
         # left the state of its last step outside the variables on JAX.
         _reattach(self.model)
+        batch_norm.put_back(saved)
         # Only what this call swapped in, and only if it still is in: a call
         # that ended by an error elsewhere is cleaned up later, safely.
         if swapped:
@@ -309,11 +386,11 @@ def _running_callbacks(callback):
     return None
 
 
-def _swap_in(opt):
+def _swap_in(opt, which):
     """Swaps the averages in unless they are; returns whether it did."""
     if opt.averages_swapped_in:
         return False
-    opt.swap_weights()
+    opt.swap_weights(**which)
     return True
 
 

@@ -11,6 +11,7 @@ model:
 
     python -m keras_ema.demo          # about 20 seconds on 2 CPU cores
     python -m keras_ema.demo --help
+    python -m keras_ema.demo --posthoc  # keras_ema.posthoc_demo instead
 
 Needs scikit-learn and matplotlib (`pip install "keras-ema[demo]"`), imported
 only when the demo runs.
@@ -271,11 +272,22 @@ def _parser():
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar and no per-epoch lines, only "
                              "the summary")
+    parser.add_argument("--posthoc", action="store_true",
+                        help="run the post-hoc EMA demo instead (python -m "
+                             "keras_ema.posthoc_demo), passing it the other "
+                             "arguments: --posthoc --help lists its own")
     return parser
 
 
 def main(argv=None):
     """Runs the demo; `argv` defaults to the command line's arguments."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--posthoc" in argv:
+        # Before parsing: the post-hoc demo has its own flags and defaults.
+        from keras_ema import posthoc_demo
+
+        argv.remove("--posthoc")
+        return posthoc_demo.main(argv)
     args = _parser().parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     print(

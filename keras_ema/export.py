@@ -8,7 +8,7 @@ from keras_ema._files import atomic_path
 from keras_ema.optimizer import find_in_model
 
 
-def export_averaged(model, filepath):
+def export_averaged(model, filepath, sigma_rel=None):
     """Saves a plain copy of `model` that holds the averaged weights.
 
     The copy has the model's architecture and the averages as its weights
@@ -25,6 +25,8 @@ def export_averaged(model, filepath):
             replaced whole, never truncated: the copy is written aside and
             renamed over it, so a save that fails or is killed leaves it as
             it was.
+        sigma_rel: With a `PostHocEMA` optimizer, the width whose averages
+            to export (default: its first).
 
     Returns:
         The plain copy, a `keras.Model` holding the averages.
@@ -50,8 +52,20 @@ def export_averaged(model, filepath):
     copy = keras.saving.deserialize_keras_object(
         config, custom_objects={type(model).__name__: type(model)}
     )
-    with opt.averaged_weights():
+    with _averages_of(opt, sigma_rel):
         copy.set_weights(model.get_weights())
     with atomic_path(filepath) as path:
         copy.save(path)
     return copy
+
+
+def _averages_of(opt, sigma_rel):
+    if sigma_rel is None:
+        return opt.averaged_weights()
+    if not hasattr(opt, "sigma_rels"):
+        raise ValueError(
+            "export_averaged does not support `sigma_rel` with an optimizer "
+            f"that keeps one average ({type(opt).__name__}). Instead, leave "
+            "`sigma_rel=None`, or train with `keras_ema.PostHocEMA`."
+        )
+    return opt.averaged_weights(sigma_rel=sigma_rel)

@@ -18,6 +18,8 @@ from keras_ema import _saving
 from keras_ema import _settings
 from keras_ema import _swapping
 from keras_ema import _tf
+from keras_ema import teacher
+from keras_ema._model import find_in_model  # noqa: F401 (its old home)
 
 _SWAPPED_IN = (
     "ExponentialMovingAverage cannot train while the averages are swapped "
@@ -66,7 +68,8 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             by `(1 + n) / (10 + n)`, so early averages forget fast.
         update_every: Int >= 1. Move the averages only on every
             `update_every`-th real update, with decay `decay ** update_every`
-            so that the average spans the same number of updates.
+            so that the average spans the same number of updates; `Uniform`
+            and `Power` schedules count these averaging updates instead.
         average_dtype: Dtype of the averages. Defaults to float32 for
             float16/bfloat16 weights and to the weight's dtype otherwise.
         exclude: Regular expressions; variables whose `path` matches one
@@ -137,9 +140,6 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
     @average_decay.setter
     def average_decay(self, value):
         _decay_variables.set_decay(self, value)
-
-    def _decay_at(self, n):
-        return _decay_variables.decay_at(self, n)
 
     # -- creating averages ----------------------------------------------------
 
@@ -218,28 +218,34 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                 )
             with _tf.strategy_scope(self):
                 self.build(trainable_variables)
-        _creating.start_averages(self)
-        _saving.check_no_pending(self, "train")
-        if self._swapped_in:
-            raise ValueError(_SWAPPED_IN)
-        self._trained = True
+        # This optimizer moves the averages of the ones it wraps too (the
+        # profiles of `PostHocEMA`): one gate and one real-update check.
+        chain = _model.chain(self)
+        for averaging in chain:
+            _creating.start_averages(averaging)
+            _saving.check_no_pending(averaging, "train")
+            if averaging._swapped_in:
+                raise ValueError(_SWAPPED_IN)
+            averaging._trained = True
+        base = chain[-1].inner_optimizer
         # A compiled step refuses too, before anything moves: everything
         # that moves waits for the gradients or, as the inner optimizer's
         # `iterations` increment does, for this read of `iterations`.
         before, *grads = _tf.gate(
-            self._swapped,
+            [averaging._swapped for averaging in chain],
             _SWAPPED_IN,
-            [self.inner_optimizer.iterations, *grads],
+            [base.iterations, *grads],
             small=_packing.WEIGHT_LIMIT,
             bunch=_packing.PACK_LIMIT,
-            never=_tf.UNINITIALIZED if self._averaged.todo else None,
+            never=_tf.UNINITIALIZED
+            if any(a._averaged.todo for a in chain) else None,
         )
         # Did the inner optimizer really update? One rule covers gradient
         # accumulation (its `iterations` counts real updates only) and an
         # inner LossScaleOptimizer that skips a non-finite step.
         before = ops.copy(before)
         try:
-            self.inner_optimizer.apply(grads, trainable_variables)
+            base.apply(grads, trainable_variables)
         except ValueError:
             # Keras' own check refused unknown variables before anything
             # moved; ours names them and the model. Only here: it costs a
@@ -247,8 +253,9 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             if trainable_variables is not None:
                 _model.check_known(self, trainable_variables)
             raise
-        moved = ops.not_equal(self.inner_optimizer.iterations, before)
-        _averages.update_averages(self, moved)
+        moved = ops.not_equal(base.iterations, before)
+        for averaging in chain:
+            _averages.update_averages(averaging, moved)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if keras.backend.backend() != "jax":
@@ -265,8 +272,9 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         foreign = _model.foreign_step(self, optimizer_variables, trainable_variables)
         if foreign is not None:
             return foreign
-        _saving.warn_pending(self)
-        self._trained = True
+        for averaging in _model.chain(self):
+            _saving.warn_pending(averaging)
+            averaging._trained = True
         return _jax.stateless_apply(
             self, optimizer_variables, grads, trainable_variables
         )
@@ -330,11 +338,12 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
     def _not_swapped_in(self, message=_SWAPPED_IN):
         """Context for an update: it fails, before anything moves, while the
         averages are swapped in."""
-        if self._swapped_in:
+        chain = _model.chain(self)
+        if any(averaging._swapped_in for averaging in chain):
             raise ValueError(message)
         if not self.built:
             return contextlib.nullcontext()
-        return _tf.check_zero(self._swapped, message)
+        return _tf.check_zero([a._swapped for a in chain], message)
 
     def _check_ready(self, what):
         _creating.start_averages(self)
@@ -344,6 +353,27 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                 f"`{what}` needs averages, but none exist yet. Instead, call "
                 "`optimizer.shadow_copy(model)` or train for a step first."
             )
+
+    def call_with_averages(self, model, *args, **kwargs):
+        """Calls `model` with the averages in place of its weights: a teacher.
+
+        For mean teacher, BYOL or DINO: inside a custom `train_step` or
+        `compute_loss`, in compiled steps on every backend, or eagerly.
+        Averaged BatchNorm statistics are used too. Nothing is swapped or
+        copied, no variable is written (BatchNorm updates of a
+        `training=True` call are dropped), and no gradient reaches the
+        averages or, through the teacher, the weights.
+
+        Example:
+
+        ```python
+        def compute_loss(self, x, y, y_pred, sample_weight=None, training=True):
+            teacher = self.optimizer.call_with_averages(self, x, training=False)
+            return super().compute_loss(x, y, y_pred, sample_weight) + (
+                keras.ops.mean((y_pred - teacher) ** 2))
+        ```
+        """
+        return teacher.call_with_averages(self, model, *args, **kwargs)
 
     # -- forwarding to the inner optimizer ------------------------------------
 
@@ -390,22 +420,3 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         return _saving.from_config(cls, config, custom_objects)
-
-
-def find_in_model(model, user):
-    """The model's `ExponentialMovingAverage`, also when it is wrapped.
-
-    Under mixed_float16, `compile()` wraps it in a `LossScaleOptimizer`;
-    `user` names the caller in the error raised when there is none.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    found = optimizer
-    while found is not None and not isinstance(found, ExponentialMovingAverage):
-        found = getattr(found, "inner_optimizer", None)
-    if found is None:
-        raise ValueError(
-            f"{user} does not support a model whose optimizer keeps no "
-            f"averages. Received: optimizer={optimizer!r}. Instead, compile "
-            "the model with `keras_ema.ExponentialMovingAverage(optimizer)`."
-        )
-    return found

@@ -6,7 +6,11 @@ a float32 scalar tensor computed with `keras.ops`, so one compiled train step
 serves every `n`. `Constant(decay)` is `decay`; `Dynamic(max_decay)` is
 `min(max_decay, (1 + n) / (10 + n))`; `Warmup(max_decay, inv_gamma, power,
 min_decay)` is `clip(1 - (1 + n / inv_gamma) ** -power, min_decay, max_decay)`;
-`HalfLife(half_life)` is `0.5 ** (1 / half_life)`.
+`HalfLife(half_life)` is `0.5 ** (1 / half_life)`. In `growing_schedules.py`:
+`Cosine(initial_decay, final_decay, steps)`, BYOL's teacher schedule, and
+`Uniform()` and `Power(sigma_rel)`, which count averaging updates instead
+(see `complement`): the equal-weight mean of stochastic weight averaging, and
+EDM2's power-function EMA.
 """
 
 import copy
@@ -77,6 +81,10 @@ class DecaySchedule:
     """
 
     parameters = ()
+    # Whether `step` counts averaging updates (k = 0, 1, ... for the
+    # averages moved every `update_every` real updates) rather than real
+    # updates; see `complement`.
+    counts_averages = False
 
     def __call__(self, step):
         raise NotImplementedError(
@@ -94,6 +102,11 @@ class DecaySchedule:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+    def complement(self, step):
+        """`1 - self(step)`; subclasses whose decay nears 1 compute it
+        directly, so that float32 keeps its digits."""
+        return 1.0 - ops.cast(self(step), "float32")
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -259,6 +272,27 @@ class HalfLife(Constant):
         return {"half_life": self.half_life}
 
 
+def complement(schedule, n, every=1):
+    """`1 - decay`: how far the averaging update after real update `n + 1`
+    since `start_step` moves the averages towards the weights.
+
+    This is the one place where `update_every` meets the decay. A schedule
+    that counts real updates gets `n`, and `decay ** every` stands for the
+    `every` updates the average skipped, so that its length in real updates
+    stays the same. One that counts averaging updates (`counts_averages`:
+    `Uniform`, `Power`) gets `k = (n + 1) // every - 1`, the number of
+    averaging updates before this one: the mean of the sampled weights is
+    not a decay raised to a power.
+    """
+    if getattr(schedule, "counts_averages", False):
+        k = ops.maximum(ops.subtract(ops.floor_divide(ops.add(n, 1), every), 1), 0)
+        return ops.cast(schedule.complement(k), "float32")
+    decay = ops.cast(schedule(n), "float32")
+    if every > 1:
+        decay = ops.power(decay, every)
+    return 1.0 - decay
+
+
 def number_rule(step, decay, dynamic):
     """The decay of update `step` for a number `average_decay`.
 
@@ -325,3 +359,12 @@ def get(identifier, dynamic=False):
         f"{type(identifier).__name__}). Instead, pass e.g. 0.999 or "
         "`keras_ema.schedules.Warmup(0.9999)`."
     )
+
+
+# The schedules whose average grows with training, in their own module; they
+# build on the base class above.
+from keras_ema.growing_schedules import Cosine  # noqa: E402,F401
+from keras_ema.growing_schedules import Power  # noqa: E402,F401
+from keras_ema.growing_schedules import Uniform  # noqa: E402,F401
+from keras_ema.growing_schedules import gamma_to_sigma_rel  # noqa: E402,F401
+from keras_ema.growing_schedules import sigma_rel_to_gamma  # noqa: E402,F401

@@ -11,7 +11,9 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NOTEBOOKS = ["quickstart.ipynb", "decay_schedules.ipynb"]
+NOTEBOOKS = [
+    "quickstart.ipynb", "decay_schedules.ipynb", "posthoc_ema.ipynb"
+]
 
 
 class _ThisInterpreter(KernelSpecManager):
@@ -70,3 +72,6 @@ def test_notebook_runs_every_cell_without_error(name, tmp_path):
     if name == "quickstart.ipynb":
         assert (tmp_path / "digits_ema.keras").is_file()
         assert (tmp_path / "digits_ema_plain.keras").is_file()
+    if name == "posthoc_ema.ipynb":
+        assert len(list((tmp_path / "snapshots").glob("*.npz"))) == 21
+        assert (tmp_path / "posthoc_sweep.png").is_file()

@@ -358,3 +358,27 @@ def test_each_variable_is_stored_once_in_a_file(tmp_path):
     inner = sum(int(np.prod(v.shape)) for v in opt.inner_optimizer.variables)
     # Weights, Adam's state, the averages, and a few scalars: once each.
     assert sum(stored) == params + inner + params + 5
+
+
+def test_loaded_values_wait_for_build_when_averages_are_asked_first(tmp_path):
+    # Asking for an average after `load_weights` into an unbuilt optimizer
+    # raised a layout error, and dropped the loaded averages and Adam's state.
+    model = _model()
+    opt = ExponentialMovingAverage(keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(*regression_data(), batch_size=16, verbose=0)
+    sync(model)
+    model.save_weights(tmp_path / "m.weights.h5")
+    other = _model()
+    other_opt = ExponentialMovingAverage(keras.optimizers.Adam(1e-2))
+    other.compile(optimizer=other_opt, loss="mse")
+    other.load_weights(tmp_path / "m.weights.h5")
+    assert other_opt.average(other.trainable_variables[0]) is None
+    other_opt.shadow_copy(other)
+    assert int(numpy(other_opt.iterations)) == int(numpy(opt.iterations)) == 4
+    for v, w in zip(model.trainable_variables, other.trainable_variables):
+        np.testing.assert_array_equal(bits(opt.average(v)),
+                                      bits(other_opt.average(w)))
+    for v, w in zip(opt.inner_optimizer.variables,
+                    other_opt.inner_optimizer.variables):
+        np.testing.assert_array_equal(bits(v), bits(w))

@@ -13,6 +13,7 @@ from conftest import fit_recording_kernel
 from conftest import numpy
 from conftest import regression_data
 from conftest import small_model
+from conftest import sync
 from conftest import tensor
 from conftest import tensorflow_only
 
@@ -394,6 +395,36 @@ def test_mixed_float16_wraps_it_in_a_loss_scale_optimizer_and_averages_move():
     assert kernel.dtype == "float32"
     assert int(keras.ops.convert_to_numpy(opt._step)) > 0
     assert not np.array_equal(_average(opt, kernel), kernel.numpy())
+
+
+def test_mixed_float16_averages_batchnorm_statistics_in_fit():
+    # On JAX this `fit` failed: the step read the optimizer's values as if
+    # they were this optimizer's own, not the LossScaleOptimizer's.
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    model = small_model(batchnorm=True)
+    opt = ExponentialMovingAverage(
+        keras.optimizers.SGD(0.05), trainable_weights_only=False,
+        average_decay=0.5, dynamic_decay=False,
+    )
+    model.compile(optimizer=opt, loss="mse")
+    model.build((None, 4))
+    mean = model.layers[1].moving_mean
+    history = [(0, mean.numpy().astype("float64"))]
+
+    def record(batch, logs):
+        sync(model)
+        history.append((int(keras.ops.convert_to_numpy(opt.iterations)),
+                        mean.numpy().astype("float64")))
+
+    model.fit(*regression_data(), epochs=1, batch_size=8, verbose=0,
+              callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=record)])
+    expected = history[0][1]
+    for (before, _), (after, value) in zip(history, history[1:]):
+        if after != before:  # a step the loss scale skipped moves nothing
+            expected = 0.5 * expected + 0.5 * value
+    assert history[-1][0] > 4
+    np.testing.assert_allclose(_average(opt, mean), expected, rtol=1e-6,
+                               atol=1e-7)
 
 
 # -- saving ------------------------------------------------------------------

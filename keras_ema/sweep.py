@@ -1,0 +1,194 @@
+"""`sweep_sigma_rel`: the best post-hoc EMA width, chosen on validation data."""
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from keras_ema import _atomic
+from keras_ema import synthesis
+
+_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What `sweep_sigma_rel` measured.
+
+    Attributes:
+        metric: The metric that chose the best width.
+        results: One dict per `sigma_rel`, in order: `{"sigma_rel": ...,
+            <metric name>: value, ...}`, every metric of `evaluate`.
+        raw: The metrics of the model's own weights before the sweep.
+        best: The entry of `results` with the best `metric`.
+        figure: The matplotlib figure, when a plot was made.
+    """
+
+    metric: str
+    results: list
+    raw: dict
+    best: dict
+    figure: object = None
+
+    def table(self):
+        """The results as text, a line per `sigma_rel`, best marked."""
+        names = [k for k in self.results[0] if k != "sigma_rel"]
+        lines = ["sigma_rel  " + "  ".join(f"{n:>10}" for n in names)]
+        for row in self.results:
+            mark = "  <- best" if row is self.best else ""
+            lines.append(f"{row['sigma_rel']:9.3f}  " + "  ".join(
+                f"{row[n]:10.4f}" for n in names) + mark)
+        lines.append("raw        " + "  ".join(
+            f"{self.raw.get(n, float('nan')):10.4f}" for n in names))
+        return "\n".join(lines)
+
+
+def sweep_sigma_rel(
+    directory,
+    model,
+    sigma_rels,
+    validation_data,
+    metric="loss",
+    step=None,
+    batch_size=None,
+    update_bn_data=None,
+    keep_best=False,
+    plot=None,
+    verbose=1,
+):
+    """Evaluates the post-hoc EMA of each `sigma_rel` and picks the best.
+
+    For each width, `keras_ema.synthesize` builds the average from the
+    snapshots of `directory` into `model`, which is then evaluated on
+    `validation_data`; the raw weights are evaluated too, as a baseline.
+    Prints a table, and plots `metric` against `sigma_rel`, the raw weights'
+    score as a horizontal line, when `plot` is given and matplotlib is
+    installed. `model`'s variables are restored, bit for bit, at the end,
+    also when an error or a Ctrl-C interrupts the sweep, unless `keep_best`.
+
+    Args:
+        directory: The folder of the snapshots (`keras_ema.PostHocSnapshots`).
+        model: The trained, compiled `keras.Model` (its weights are restored
+            after the sweep).
+        sigma_rels: The widths to try, floats in (0, 0.2887].
+        validation_data: What `model.evaluate` takes: `(x, y)`, a dataset.
+        metric: The metric that picks the best width: `"loss"` (default) or
+            a compiled metric's name. Higher is better for names with
+            "acc", "auc", "precision", "recall", "f1", "iou" or "r2".
+        step: The snapshot step to synthesize at (default: the last).
+        batch_size: Passed to `evaluate`.
+        update_bn_data: Data for `keras_ema.update_bn`, run on each
+            synthesized average before it is evaluated (for BatchNorm
+            statistics that were not averaged).
+        keep_best: If `True`, `model` ends holding the best average.
+        plot: A file path for the plot (e.g. `"sweep.png"`), or `True` to
+            only return the figure. Needs matplotlib.
+        verbose: 1 prints the table, 0 prints nothing.
+
+    Returns:
+        A `SweepResult`: `results`, `raw`, `best`, `figure`, `table()`.
+
+    Example:
+
+    ```python
+    result = keras_ema.sweep_sigma_rel(
+        "snapshots", model, [0.03, 0.05, 0.07, 0.10, 0.15],
+        validation_data=(x_val, y_val), metric="accuracy", plot="sweep.png")
+    print(result.best["sigma_rel"])
+    ```
+    """
+    sigma_rels = [float(s) for s in sigma_rels]
+    if not sigma_rels:
+        raise ValueError(
+            "sweep_sigma_rel requires at least one `sigma_rel`. Instead, "
+            "pass e.g. sigma_rels=[0.05, 0.07, 0.10, 0.15]."
+        )
+    if plot is not None and plot is not False:
+        _pyplot()  # a missing matplotlib fails before any work
+    if keras.backend.backend() == "jax":
+        model.jax_state_sync()
+    saved = [np.array(keras.ops.convert_to_numpy(v)) for v in model.variables]
+    kept = False
+    try:
+        raw = _evaluate(model, validation_data, batch_size)
+        if metric not in raw:
+            raise ValueError(
+                f"sweep_sigma_rel does not know metric={metric!r}: `evaluate` "
+                f"returns {sorted(raw)}. Instead, pass one of them."
+            )
+        results = []
+        for sigma_rel in sigma_rels:
+            synthesis.synthesize(directory, model, sigma_rel, step=step)
+            if update_bn_data is not None:
+                from keras_ema.batch_norm import update_bn
+
+                update_bn(model, update_bn_data)
+            results.append(
+                {"sigma_rel": sigma_rel,
+                 **_evaluate(model, validation_data, batch_size)}
+            )
+        higher = any(h in metric for h in _HIGHER_IS_BETTER)
+        pick = max if higher else min
+        best = pick(results, key=lambda row: row[metric])
+        if keep_best:
+            synthesis.synthesize(directory, model, best["sigma_rel"], step=step)
+            if update_bn_data is not None:
+                from keras_ema.batch_norm import update_bn
+
+                update_bn(model, update_bn_data)
+            kept = True
+    finally:
+        if not kept:
+            with _atomic.deferred_signals():
+                for variable, value in zip(model.variables, saved):
+                    variable.assign(value)
+    result = SweepResult(metric, results, raw, best)
+    if plot is not None and plot is not False:
+        result.figure = _plot(result, None if plot is True else plot)
+    if verbose:
+        print(result.table())
+    return result
+
+
+def _evaluate(model, data, batch_size):
+    if isinstance(data, tuple):
+        logs = model.evaluate(*data, batch_size=batch_size, verbose=0,
+                              return_dict=True)
+    else:
+        logs = model.evaluate(data, batch_size=batch_size, verbose=0,
+                              return_dict=True)
+    return {k: float(v) for k, v in logs.items()}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "sweep_sigma_rel needs matplotlib for `plot`. Instead, install it "
+            '(`pip install -e ".[demo]"`) or leave `plot=None`.'
+        ) from None
+    return plt
+
+
+def _plot(result, path):
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    xs = [row["sigma_rel"] for row in result.results]
+    axes.plot(xs, [row[result.metric] for row in result.results], "o-",
+              label="post-hoc EMA")
+    axes.axhline(result.raw[result.metric], color="gray", linestyle="--",
+                 label="raw weights")
+    axes.axvline(result.best["sigma_rel"], color="green", alpha=0.3)
+    axes.set_xlabel("sigma_rel")
+    axes.set_ylabel(f"validation {result.metric}")
+    axes.set_title(f"Post-hoc EMA sweep ({keras.backend.backend()})")
+    axes.legend()
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return figure
