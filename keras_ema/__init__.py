@@ -5,6 +5,7 @@ from keras_ema.average_checkpoint import AverageModelCheckpoint
 from keras_ema.batch_norm import update_bn
 from keras_ema.callbacks import SwapAverageWeights
 from keras_ema.export import export_averaged
+from keras_ema.loading import load_averaged
 from keras_ema.optimizer import ExponentialMovingAverage
 from keras_ema.posthoc_ema import PostHocEMA
 from keras_ema.snapshots import PostHocSnapshots
@@ -20,6 +21,7 @@ __all__ = [
     "PostHocSnapshots",
     "SwapAverageWeights",
     "export_averaged",
+    "load_averaged",
     "schedules",
     "sweep_sigma_rel",
     "synthesize",

@@ -170,7 +170,7 @@ def _run_packed(fn, pack, chosen, buffer, weights, *args):
     if fn is swap:
         _packing.swap(pack, buffer, weights, is_lost)
         return
-    fn(buffer, pack.join(weights), None, *args)
+    fn(buffer, pack.join_once(weights), None, *args)
 
 
 def value(variable):

@@ -27,6 +27,7 @@ from keras.src.backend import StatelessScope
 
 from keras_ema import _averages
 from keras_ema import _model
+from keras_ema import _packing
 from keras_ema import teacher
 
 _WARNING = (
@@ -82,7 +83,8 @@ def stateless_apply(optimizer, optimizer_variables, grads, trainable_variables):
     mapping = list(zip(variables, values)) + list(
         zip(optimizer._trainable_variables, new_trainable)
     )
-    with StatelessScope(state_mapping=mapping) as scope:
+    with StatelessScope(state_mapping=mapping) as scope, \
+            _packing.sharing_joins():
         for averaging in chain:
             _averages.update_averages(
                 averaging, moved, _entries(averaging, built=True)

@@ -18,6 +18,9 @@ where each average is laid out like its weight; weights with a raw backup
 averages per call (`_torch.py`).
 """
 
+import contextlib
+import threading
+
 import keras
 import numpy as np
 from keras import ops
@@ -40,6 +43,18 @@ class Pack:
     def join(self, weights):
         """The weights (variables or values), flattened and joined."""
         return ops.concatenate([ops.reshape(w, (-1,)) for w in weights], 0)
+
+    def join_once(self, weights):
+        """`join`, computed once per step for the averages of every profile
+        (`sharing_joins`), which pack the same weights alike."""
+        if _shared.joins is None:
+            return self.join(weights)
+        # Per graph too: a join made in one `tf.cond` branch (`update_every`)
+        # cannot be used in another.
+        key = (_graph(), *map(id, weights))
+        if key not in _shared.joins:
+            _shared.joins[key] = (weights, self.join(weights))
+        return _shared.joins[key][1]
 
     def split(self, flat):
         """A flat pack's value, as one tensor per weight, in its shape."""
@@ -200,3 +215,28 @@ def assign_all(slots, values):
         dtype = keras.backend.standardize_dtype(pack.buffer.dtype)
         flat = [np.reshape(parts[i], -1) for i in range(len(pack.weights))]
         pack.buffer.assign(np.concatenate(flat).astype(dtype))
+
+
+def _graph():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return id(tf.compat.v1.get_default_graph())
+
+
+class _Shared(threading.local):
+    joins = None
+
+
+_shared = _Shared()
+
+
+@contextlib.contextmanager
+def sharing_joins():
+    """Within the block, `Pack.join_once` joins given weights once."""
+    previous, _shared.joins = _shared.joins, {}
+    try:
+        yield
+    finally:
+        _shared.joins = previous

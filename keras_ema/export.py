@@ -46,16 +46,25 @@ def export_averaged(model, filepath, sigma_rel=None):
             "`.keras`."
         )
     opt = find_in_model(model, "export_averaged")
+    copy = plain_copy(model, opt, sigma_rel)
+    with atomic_path(filepath) as path:
+        copy.save(path)
+    return copy
+
+
+def plain_copy(model, opt, sigma_rel=None, custom_objects=None):
+    """A copy of `model` without optimizer or compile state that holds the
+    averages of `opt` (of `sigma_rel` for a `PostHocEMA`)."""
     config = keras.saving.serialize_keras_object(model)
-    # Compiling the copy would bring the keras_ema optimizer into the file.
+    # Compiling the copy would bring the keras_ema optimizer into its file.
     config.pop("compile_config", None)
     copy = keras.saving.deserialize_keras_object(
-        config, custom_objects={type(model).__name__: type(model)}
+        config,
+        custom_objects={type(model).__name__: type(model),
+                        **(custom_objects or {})},
     )
     with _averages_of(opt, sigma_rel):
         copy.set_weights(model.get_weights())
-    with atomic_path(filepath) as path:
-        copy.save(path)
     return copy
 
 

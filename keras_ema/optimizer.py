@@ -254,8 +254,9 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                 _model.check_known(self, trainable_variables)
             raise
         moved = ops.not_equal(base.iterations, before)
-        for averaging in chain:
-            _averages.update_averages(averaging, moved)
+        with _packing.sharing_joins():
+            for averaging in chain:
+                _averages.update_averages(averaging, moved)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if keras.backend.backend() != "jax":
