@@ -5,6 +5,7 @@ import sys
 import keras
 
 from keras_ema import batch_norm
+from keras_ema._jax_state import reattach as _jax_reattach
 from keras_ema.optimizer import find_in_model
 
 
@@ -244,7 +245,7 @@ class SwapAverageWeights(keras.callbacks.Callback):
                 logs = evaluate(*args, **kwargs)
             finally:
                 self._validating = False
-                _reattach(self.model)
+                _jax_reattach(self.model)
                 batch_norm.put_back(saved)
         if raw is not None:
             logs.update({f"raw_{name}": value for name, value in raw.items()})
@@ -306,7 +307,7 @@ class SwapAverageWeights(keras.callbacks.Callback):
             try:
                 return function(*args, **kwargs)
             except BaseException:
-                _reattach(self.model, args[0] if args else ())
+                _jax_reattach(self.model, args[0] if args else ())
                 self._end_call()
                 raise
 
@@ -322,48 +323,12 @@ class SwapAverageWeights(keras.callbacks.Callback):
         setattr(self.model, name, function)
         # A call that an error ended outside the steps (another callback)
         # left the state of its last step outside the variables on JAX.
-        _reattach(self.model)
+        _jax_reattach(self.model)
         batch_norm.put_back(saved)
         # Only what this call swapped in, and only if it still is in: a call
         # that ended by an error elsewhere is cleaned up later, safely.
         if swapped:
             _swap_out(opt)
-
-
-def _reattach(model, state=()):
-    """Gives the model's variables back their values after a JAX error.
-
-    While JAX's `evaluate` and `predict` run, the trainer keeps the model's
-    state outside its variables: the latest in the model, which
-    `jax_state_sync()` attaches, and the one a step is given, `state` (the
-    values of the trainable, non-trainable, then metrics variables, in the
-    trainer's layout). An error leaves the variables empty. A compiled step
-    that failed consumed the state it was given: the swap back then puts
-    the raw weights back (and warns that the averages in the model are lost).
-    """
-    if keras.backend.backend() != "jax":
-        return
-    # First, also where `state` is given: an error before the first step
-    # finishes leaves the model holding the state of an earlier call (after
-    # `predict_on_batch`, or one that failed), which must not be attached
-    # later, over what `state` gives back. This marks it attached.
-    model.jax_state_sync()
-    groups = (
-        model.trainable_variables,
-        model.non_trainable_variables,
-        model.metrics_variables,
-    )
-    for variables, values in zip(groups, state):
-        values = list(values)
-        if len(values) == len(variables) and not any(
-            _is_deleted(value) for value in values
-        ):
-            for variable, value in zip(variables, values):
-                variable.assign(value)
-
-
-def _is_deleted(value):
-    return bool(getattr(value, "is_deleted", lambda: False)())
 
 
 def _running_callbacks(callback):

@@ -13,20 +13,16 @@ from keras_ema import _checks
 from keras_ema import _creating
 from keras_ema import _decay_variables
 from keras_ema import _model
-from keras_ema import _packing
 from keras_ema import _saving
 from keras_ema import _settings
+from keras_ema import _stepping
 from keras_ema import _swapping
 from keras_ema import _tf
 from keras_ema import teacher
 from keras_ema._model import find_in_model  # noqa: F401 (its old home)
 
-_SWAPPED_IN = (
-    "ExponentialMovingAverage cannot train while the averages are swapped "
-    "into the model (after `swap_weights()`, or loaded from a checkpoint "
-    "saved that way). Instead, call `optimizer.swap_weights()` to put the "
-    "training weights back."
-)
+_SWAPPED_IN = _stepping.SWAPPED_IN
+
 
 @keras.saving.register_keras_serializable(package="keras_ema")
 class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
@@ -218,45 +214,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                 )
             with _tf.strategy_scope(self):
                 self.build(trainable_variables)
-        # This optimizer moves the averages of the ones it wraps too (the
-        # profiles of `PostHocEMA`): one gate and one real-update check.
-        chain = _model.chain(self)
-        for averaging in chain:
-            _creating.start_averages(averaging)
-            _saving.check_no_pending(averaging, "train")
-            if averaging._swapped_in:
-                raise ValueError(_SWAPPED_IN)
-            averaging._trained = True
-        base = chain[-1].inner_optimizer
-        # A compiled step refuses too, before anything moves: everything
-        # that moves waits for the gradients or, as the inner optimizer's
-        # `iterations` increment does, for this read of `iterations`.
-        before, *grads = _tf.gate(
-            [averaging._swapped for averaging in chain],
-            _SWAPPED_IN,
-            [base.iterations, *grads],
-            small=_packing.WEIGHT_LIMIT,
-            bunch=_packing.PACK_LIMIT,
-            never=_tf.UNINITIALIZED
-            if any(a._averaged.todo for a in chain) else None,
-        )
-        # Did the inner optimizer really update? One rule covers gradient
-        # accumulation (its `iterations` counts real updates only) and an
-        # inner LossScaleOptimizer that skips a non-finite step.
-        before = ops.copy(before)
-        try:
-            base.apply(grads, trainable_variables)
-        except ValueError:
-            # Keras' own check refused unknown variables before anything
-            # moved; ours names them and the model. Only here: it costs a
-            # lookup per variable, every step on torch.
-            if trainable_variables is not None:
-                _model.check_known(self, trainable_variables)
-            raise
-        moved = ops.not_equal(base.iterations, before)
-        with _packing.sharing_joins():
-            for averaging in chain:
-                _averages.update_averages(averaging, moved)
+        _stepping.apply(self, grads, trainable_variables)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         if keras.backend.backend() != "jax":

@@ -73,5 +73,5 @@ def test_notebook_runs_every_cell_without_error(name, tmp_path):
         assert (tmp_path / "digits_ema.keras").is_file()
         assert (tmp_path / "digits_ema_plain.keras").is_file()
     if name == "posthoc_ema.ipynb":
-        assert len(list((tmp_path / "snapshots").glob("*.npz"))) == 21
+        assert len(list((tmp_path / "snapshots").glob("*.npz"))) == 20
         assert (tmp_path / "posthoc_sweep.png").is_file()

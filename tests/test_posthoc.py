@@ -415,3 +415,20 @@ def test_synthesis_streams_the_snapshots(tmp_path):
     # A float64 sum (2 copies) and the array being read with its float64
     # product (measured 6.3 copies); holding the series would be 60.
     assert peak < 8 * size, peak / size
+
+
+def test_synthesis_writes_averaged_batchnorm_statistics_too(tmp_path):
+    directory = str(tmp_path / "s")
+    opt = keras_ema.PostHocEMA(keras.optimizers.SGD(0.05),
+                               trainable_weights_only=False)
+    model, tracked, history = _fit(opt, epochs=4, directory=directory,
+                                   every=8, batchnorm=True)
+    statistics = [v for v in model.non_trainable_variables
+                  if "moving" in v.path]
+    assert len(statistics) == 2
+    raw = [numpy(v) for v in statistics]
+    keras_ema.synthesize(directory, model, 0.10)
+    for v, want in zip(tracked, _power_ema(history, 0.10)):
+        np.testing.assert_allclose(numpy(v), want, rtol=1e-5, atol=1e-6)
+    for v, r in zip(statistics, raw):
+        assert np.abs(numpy(v) - r).max() > 1e-6  # not the raw statistics
