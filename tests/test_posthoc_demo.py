@@ -122,15 +122,15 @@ def test_posthoc_demo_sweeps_every_width_and_exports_the_best(
         np.load(tmp_path / "predictions.npy"), predictions, rtol=1e-6)
 
 
-def test_demo_posthoc_forwards_the_other_arguments():
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_ema.demo", "--posthoc", "--help"],
-        capture_output=True, text=True, timeout=120, env=ENV,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("usage: python -m keras_ema.posthoc_demo")
+def test_demo_posthoc_forwards_the_other_arguments(capsys):
+    # In-process: `python -m keras_ema.demo` is `demo.main()`.
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--posthoc", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m keras_ema.posthoc_demo")
     for flag in ("--epochs", "--batch-size", "--learning-rate", "--seed",
                  "--output-dir", "--quiet"):
-        assert flag in result.stdout
-    assert "--decay" not in result.stdout
-    assert "keras_ema_posthoc_demo" in result.stdout  # its own default
+        assert flag in out
+    assert "--decay" not in out
+    assert "keras_ema_posthoc_demo" in out  # its own default
