@@ -116,3 +116,46 @@ def fit_recording_kernel(update_every=1):
     model.fit(*regression_data(), batch_size=8, epochs=2, callbacks=[callback],
               verbose=0)
     return opt, kernel, history
+
+
+# A fresh process that cannot import keras_ema, as where it is not installed,
+# loads a file and saves its predictions.
+_PREDICT_WITHOUT_KERAS_EMA = """
+import sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "keras_ema":
+            raise ImportError("keras_ema is not installed here")
+
+sys.meta_path.insert(0, NotInstalled())
+
+import keras
+import numpy as np
+
+model = keras.models.load_model(sys.argv[1])
+assert "keras_ema" not in sys.modules and not model.compiled
+np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
+"""
+
+
+def predict_without_keras_ema(path, x, folder):
+    """The predictions on `x` of the model file `path`, loaded by a process
+    in which keras_ema cannot be imported; `folder` holds the arrays."""
+    import os
+    import subprocess
+    import sys
+
+    inputs, outputs = os.path.join(folder, "x.npy"), os.path.join(folder, "out.npy")
+    np.save(inputs, x)
+    result = subprocess.run(
+        [sys.executable, "-c", _PREDICT_WITHOUT_KERAS_EMA, str(path), inputs,
+         outputs],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = np.load(outputs)
+    os.remove(inputs)
+    os.remove(outputs)
+    return predictions

@@ -4,42 +4,19 @@ the sweep's table, the plot and the exported best average."""
 import json
 import os
 import re
-import subprocess
-import sys
-import textwrap
 import zipfile
 
 import keras
 import numpy as np
 import pytest
 
+from conftest import predict_without_keras_ema
+
 import keras_ema
 from keras_ema import demo
 from keras_ema import posthoc_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-# A fresh process that cannot import keras_ema, as where it is not installed,
-# loads the file and prints its predictions.
-_PREDICT_WITHOUT_KERAS_EMA = textwrap.dedent("""
-    import sys
-
-    class NotInstalled:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "keras_ema":
-                raise ImportError("keras_ema is not installed here")
-
-    sys.meta_path.insert(0, NotInstalled())
-
-    import keras
-    import numpy as np
-
-    model = keras.models.load_model(sys.argv[1])
-    assert "keras_ema" not in sys.modules and not model.compiled
-    np.save(sys.argv[3], model.predict(np.load(sys.argv[2]), verbose=0))
-""")
-
 
 def _table(output):
     """`{sigma_rel: (accuracy, loss, best?)}` and the raw row's numbers."""
@@ -111,15 +88,8 @@ def test_posthoc_demo_sweeps_every_width_and_exports_the_best(
     accuracy = np.mean(np.argmax(predictions, axis=1) == y_val)
     assert accuracy == pytest.approx(rows[best][0], abs=5e-5)
 
-    np.save(tmp_path / "x.npy", x_val)
-    result = subprocess.run(
-        [sys.executable, "-c", _PREDICT_WITHOUT_KERAS_EMA, str(path),
-         str(tmp_path / "x.npy"), str(tmp_path / "predictions.npy")],
-        capture_output=True, text=True, timeout=120, env=ENV,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(
-        np.load(tmp_path / "predictions.npy"), predictions, rtol=1e-6)
+    np.testing.assert_array_equal(
+        predict_without_keras_ema(path, x_val, tmp_path), predictions)
 
 
 def test_demo_posthoc_forwards_the_other_arguments(capsys):
