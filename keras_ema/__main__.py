@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from keras_ema import _startup
 from keras_ema import loading
 
 
@@ -29,6 +30,7 @@ def main(argv=None):
                         help="with PostHocEMA, the width to export "
                         "(default: its first)")
     args = parser.parse_args(argv)
+    _startup.start_quietly()
     try:
         loading._export_file(args.training_file, args.plain_file,
                              sigma_rel=args.sigma_rel)

@@ -288,7 +288,9 @@ def _updated_layers(model):
             "build it first, e.g. with `model.build(input_shape)` or by "
             "calling it on a batch."
         )
-    renorm = [layer.name for layer in layers if layer.renorm]
+    # `renorm` exists from Keras 3.14 on.
+    renorm = [layer.name for layer in layers
+              if getattr(layer, "renorm", False)]
     if renorm:
         raise ValueError(
             "update_bn does not support BatchNormalization layers with "

@@ -13,8 +13,9 @@ model:
     python -m keras_ema.demo --help
     python -m keras_ema.demo --posthoc  # keras_ema.posthoc_demo instead
 
-Needs scikit-learn and matplotlib (`pip install "keras-ema[demo]"`), imported
-only when the demo runs.
+Needs scikit-learn and matplotlib (`pip install -e ".[demo]"` in keras-ema's
+clone), imported only when the demo runs; without them it says so in one
+line before it writes anything.
 """
 
 import argparse
@@ -25,6 +26,7 @@ import keras
 import numpy as np
 
 import keras_ema
+from keras_ema import _startup
 
 # The curves, in the order the summary and the plot list them: the key in
 # `History.history` of each metric, on the raw weights and on the averages.
@@ -38,6 +40,14 @@ _CURVES = {
 # seed in ten (seed 9) diverged in its last epochs, raw and averaged weights
 # alike; with it, the noise stays and the blow-ups go.
 CLIPNORM = 5.0
+
+
+
+def backend_name():
+    """The Keras backend as its project spells it: "TensorFlow", "JAX"..."""
+    backend = keras.backend.backend()
+    return {"tensorflow": "TensorFlow", "jax": "JAX",
+            "torch": "PyTorch"}.get(backend, backend)
 
 
 def load_digits(seed=0, validation_fraction=0.25):
@@ -187,6 +197,9 @@ def plot(history, path, title=None):
             `SwapAverageWeights(log_raw_metrics=True)`.
         path: Where to write the PNG.
         title: Optional title above both panels.
+
+    Returns:
+        The matplotlib `Figure`.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -202,13 +215,27 @@ def plot(history, path, title=None):
                     label=f"{label} (final {history[key][-1]:.3f})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation {metric}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # The first and the last epoch always have a tick.
+        last = len(epochs)
+        ticks = MaxNLocator(integer=True).tick_values(1, last)
+        ax.set_xticks(sorted({1, last, *(int(t) for t in ticks
+                                         if 1 <= t <= last)}))
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     axes[1].set_ylim(bottom=0)
     if title:
         figure.suptitle(title)
     figure.savefig(path, dpi=100)
+    return figure
+
+
+def plot_title(args):
+    """The plot's title: the set-up of `args` and the backend."""
+    return (
+        f"digits on {backend_name()}: SGD lr {args.learning_rate}, "
+        f"momentum 0.9, clipnorm {CLIPNORM:g}, batch {args.batch_size}, "
+        f"EMA decay {args.decay}, seed {args.seed}"
+    )
 
 
 class _EpochReport(keras.callbacks.Callback):
@@ -222,6 +249,19 @@ class _EpochReport(keras.callbacks.Callback):
         ]
         print(f"epoch {epoch + 1:>3}  validation  " + "  |  ".join(parts),
               flush=True)
+
+
+def start(program):
+    """Exits with one line if the demo extra is missing, then starts quietly.
+
+    Args:
+        program: The command, named in the message.
+    """
+    _startup.require(
+        program, {"sklearn": "scikit-learn", "matplotlib": "matplotlib"},
+        extra="demo",
+    )
+    _startup.start_quietly()
 
 
 def _positive_int(text):
@@ -289,6 +329,7 @@ def main(argv=None):
         argv.remove("--posthoc")
         return posthoc_demo.main(argv)
     args = _parser().parse_args(argv)
+    start("python -m keras_ema.demo")
     os.makedirs(args.output_dir, exist_ok=True)
     print(
         f"Training a CNN on scikit-learn's digits for {args.epochs} epochs: "
@@ -309,11 +350,7 @@ def main(argv=None):
     print()
     print(format_summary(summarize(history)))
     png = os.path.join(args.output_dir, "digits_ema.png")
-    plot(history, png, title=(
-        f"digits: SGD lr {args.learning_rate}, momentum 0.9, clipnorm "
-        f"{CLIPNORM:g}, batch {args.batch_size}, EMA decay {args.decay}, "
-        f"seed {args.seed}"
-    ))
+    plot(history, png, title=plot_title(args))
     print(f"\nWrote the plot to {png}")
     exported = os.path.join(args.output_dir, "digits_ema.keras")
     keras_ema.export_averaged(model, exported)

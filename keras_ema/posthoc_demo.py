@@ -18,7 +18,7 @@ as a plain `.keras` file:
 (*) With TensorFlow or JAX; PyTorch, whose Keras steps run eagerly, takes
 a few minutes.
 
-Needs scikit-learn and matplotlib (`pip install "keras-ema[demo]"`), imported
+Needs scikit-learn and matplotlib (`pip install -e ".[demo]"`), imported
 only when the demo runs.
 """
 
@@ -161,6 +161,7 @@ def _parser():
 def main(argv=None):
     """Runs the demo; `argv` defaults to the command line's arguments."""
     args = _parser().parse_args(argv)
+    demo.start("python -m keras_ema.posthoc_demo")
     os.makedirs(args.output_dir, exist_ok=True)
     directory = os.path.join(args.output_dir, "snapshots")
     print(

@@ -42,9 +42,13 @@ class PostHocEMA(ExponentialMovingAverage):
         optimizer: The optimizer to wrap, as for `ExponentialMovingAverage`.
         sigma_rels: The relative widths of the averages, distinct floats in
             (0, 0.2887]. EDM2 tracks 0.05 and 0.10.
-        trainable_weights_only, start_step, update_every, average_dtype,
-        exclude, name: As for `ExponentialMovingAverage`; shared by every
-            profile.
+        trainable_weights_only: As for `ExponentialMovingAverage`; like
+            the next five, shared by every profile.
+        start_step: As for `ExponentialMovingAverage`.
+        update_every: As for `ExponentialMovingAverage`.
+        average_dtype: As for `ExponentialMovingAverage`.
+        exclude: As for `ExponentialMovingAverage`.
+        name: The optimizer's name.
 
     Example:
 

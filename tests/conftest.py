@@ -41,6 +41,13 @@ def bits(value):
 
 BACKEND = keras.backend.backend()
 
+# What TensorFlow prints at start-up on a CPU machine (keras_ema/_startup.py
+# hides it in the programs and notebooks).
+START_UP_NOTICE = (
+    r"cuInit|oneDNN custom operations|absl::InitializeLog|cuda drivers"
+    r"|cpu_feature_guard|E0000|I0000"
+)
+
 tensorflow_only = pytest.mark.skipif(
     BACKEND != "tensorflow",
     reason="TensorFlow API (tf.function, tf.train.Checkpoint, tf.errors); "

@@ -58,6 +58,25 @@ def test_demo_prints_both_accuracies_writes_a_plot_and_the_averages(
     assert accuracy == pytest.approx(averaged, abs=5e-5)
 
 
+@pytest.mark.parametrize("epochs", [1, 7, 20])
+def test_the_plot_marks_the_first_and_last_epoch_and_names_the_backend(
+    tmp_path, epochs
+):
+    history = {key: list(np.linspace(0.9, 0.1, epochs))
+               for keys in demo._CURVES.values() for key in keys}
+    args = demo._parser().parse_args([])
+    figure = demo.plot(history, tmp_path / "curves.png",
+                       title=demo.plot_title(args))
+    for axes in figure.axes:
+        ticks = list(axes.get_xticks())
+        assert ticks[0] == 1 and ticks[-1] == epochs, ticks
+        assert ticks == sorted(set(ticks))
+    name = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}[
+        keras.backend.backend()
+    ]
+    assert figure.get_suptitle().startswith(f"digits on {name}: SGD lr 0.05")
+
+
 def test_demo_help_lists_its_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(["--help"])

@@ -1,6 +1,7 @@
 """The example notebooks: committed clean, and every cell runs."""
 
 import pathlib
+import re
 import sys
 
 import keras
@@ -10,6 +11,8 @@ from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+
+from conftest import START_UP_NOTICE
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = [
@@ -76,6 +79,10 @@ def test_notebook_runs_every_cell_without_error(name, tmp_path):
     assert all(c.execution_count is not None for c in code)
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert errors == []
+    # The kernel forwards what TensorFlow writes to file descriptor 2.
+    stderr = "".join(o.text for c in code for o in c.outputs
+                     if o.output_type == "stream" and o.name == "stderr")
+    assert not re.search(START_UP_NOTICE, stderr), stderr
     assert sorted(NOTEBOOK_DIR.iterdir()) == before
     if name == "quickstart.ipynb":
         assert (tmp_path / "digits_ema.keras").is_file()

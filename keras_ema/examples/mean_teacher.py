@@ -101,6 +101,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from keras_ema import demo
 
+    demo.start(parser.prog)
     keras.utils.set_random_seed(0)
     (x, y), (x_val, y_val) = demo.load_digits()
     steps = args.epochs * -(-len(x) // args.batch_size)
