@@ -42,7 +42,6 @@ _CURVES = {
 CLIPNORM = 5.0
 
 
-
 def backend_name():
     """The Keras backend as its project spells it: "TensorFlow", "JAX"..."""
     backend = keras.backend.backend()

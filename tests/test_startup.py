@@ -105,9 +105,7 @@ def test_demo_without_its_extra_says_so_in_one_line_before_writing(
 def test_a_missing_backend_is_one_line_for_a_program_and_an_error_on_import(
     tmp_path,
 ):
-    extra = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[
-        BACKEND
-    ]
+    extra = BACKEND  # each backend's extra has its name
     message = (
         f"keras-ema cannot start: Keras' backend is {extra!r} (KERAS_BACKEND "
         "or ~/.keras/keras.json), which is not installed. Install it with "
