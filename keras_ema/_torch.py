@@ -46,19 +46,19 @@ def move_all(averaged, entries, factor, move):
         move(average, weight, backup, factor)
     # `a + f * (w - a)` is `a - f * (a - w)` exactly below one half; from
     # there on torch's `lerp` computes `w - (1 - f) * (w - a)`, which is not.
-    # (Under torch.compile the read would break the graph.)
-    fused = (
-        not torch.compiler.is_compiling()
-        and factor.device.type == "cpu"
-        and float(factor) < 0.5
-    )
+    # Read once a step; under torch.compile the read would break the graph.
+    lerp = None
+    if factor.device.type == "cpu" and not torch.compiler.is_compiling():
+        lerp = float(factor)
+        if lerp >= 0.5:
+            lerp = None
     with torch.no_grad():
         for weights, averages in groups:
             # `_value`: the tensor itself, which `assign` updates in place.
             averages = [a._value for a in averages]
             weights = [w._value for w in weights]
-            if fused:
-                torch._foreach_lerp_(averages, weights, float(factor))
+            if lerp is not None:
+                torch._foreach_lerp_(averages, weights, lerp)
                 continue
             deltas = torch._foreach_sub(averages, weights)
             torch._foreach_mul_(deltas, factor.to(averages[0].dtype))

@@ -7,9 +7,10 @@ One pytest process per backend (`KERAS_BACKEND` is read once, at import).
 A run of this suite keeps about one core busy: on 2 cores, the TensorFlow
 and the JAX runs of two test files took 78 s and 56 s side by side, 72 s
 and 48 s one after the other. So two backends run side by side:
-TensorFlow, the longest, and JAX, then PyTorch when a core frees up. Each backend's output is printed whole when
-it ends, then a summary line per backend; the exit status is 0 only if every
-backend passed. Arguments that are not backend names go to pytest.
+TensorFlow, the longest, and JAX, then PyTorch when a core frees up. Each
+backend's output is printed whole when it ends, then a summary line per
+backend; the exit status is 0 only if every backend passed. Arguments that
+are not backend names go to pytest.
 """
 
 import os
