@@ -1,5 +1,5 @@
 """Schedules whose average grows with training: SWA's mean, EDM2's power
-function, BYOL's cosine (see `schedules.py` for the protocol)."""
+function, BYOL's cosine (see `_schedule_base.py` for the protocol)."""
 
 import math
 
@@ -7,11 +7,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ema.schedules import DecaySchedule
-from keras_ema.schedules import _check_decay
-from keras_ema.schedules import _check_positive
-from keras_ema.schedules import _invalid
-from keras_ema.schedules import _is_real
+from keras_ema._schedule_base import DecaySchedule
+from keras_ema._schedule_base import check_decay as _check_decay
+from keras_ema._schedule_base import check_positive as _check_positive
+from keras_ema._schedule_base import invalid as _invalid
+from keras_ema._schedule_base import is_real as _is_real
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")

@@ -31,7 +31,7 @@ import sys
 import keras
 
 import keras_ema
-from keras_ema import demo
+from keras_ema import _digits
 
 # The widths kept during training: EDM2's.
 TRACKED = (0.05, 0.10)
@@ -67,14 +67,14 @@ def train(directory, epochs=40, batch_size=16, learning_rate=0.05, seed=0,
         snapshots.
     """
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), validation = demo.load_digits(seed)
+    (x_train, y_train), validation = _digits.load_digits(seed)
     for stale in glob.glob(os.path.join(directory, "snapshot-*.npz*")):
         os.remove(stale)
-    model = demo.build_model()
+    model = _digits.build_model()
     model.compile(
         optimizer=keras_ema.PostHocEMA(
             keras.optimizers.SGD(
-                learning_rate, momentum=0.9, global_clipnorm=demo.CLIPNORM
+                learning_rate, momentum=0.9, global_clipnorm=_digits.CLIPNORM
             ),
             sigma_rels=TRACKED,
         ),
@@ -140,13 +140,13 @@ def _parser():
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=demo._positive_int, default=40,
+    parser.add_argument("--epochs", type=_digits.positive_int, default=40,
                         help="epochs to train")
-    parser.add_argument("--batch-size", type=demo._positive_int, default=16,
+    parser.add_argument("--batch-size", type=_digits.positive_int, default=16,
                         help="samples per update")
     parser.add_argument("--learning-rate", type=float, default=0.05,
                         help="learning rate of SGD (momentum 0.9, "
-                             f"global_clipnorm {demo.CLIPNORM:g})")
+                             f"global_clipnorm {_digits.CLIPNORM:g})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the split, the weights and the shuffling")
     parser.add_argument("--output-dir", default="keras_ema_posthoc_demo",
@@ -161,13 +161,13 @@ def _parser():
 def main(argv=None):
     """Runs the demo; `argv` defaults to the command line's arguments."""
     args = _parser().parse_args(argv)
-    demo.start("python -m keras_ema.posthoc_demo")
+    _digits.start("python -m keras_ema.posthoc_demo")
     os.makedirs(args.output_dir, exist_ok=True)
     directory = os.path.join(args.output_dir, "snapshots")
     print(
         f"Training a CNN on scikit-learn's digits for {args.epochs} epochs: "
         f"SGD(learning_rate={args.learning_rate}, momentum=0.9, "
-        f"global_clipnorm={demo.CLIPNORM}), batch size {args.batch_size}, "
+        f"global_clipnorm={_digits.CLIPNORM}), batch size {args.batch_size}, "
         f"PostHocEMA(sigma_rels={TRACKED}).",
         flush=True,
     )

@@ -14,103 +14,26 @@ EDM2's power-function EMA.
 """
 
 import copy
-import math
-import numbers
 
 import keras
 from keras import ops
 
+from keras_ema._schedule_base import DecaySchedule
+from keras_ema._schedule_base import check_decay as _check_decay
+from keras_ema._schedule_base import check_positive as _check_positive
+from keras_ema._schedule_base import is_real as _is_real
+from keras_ema.growing_schedules import Cosine
+from keras_ema.growing_schedules import Power
+from keras_ema.growing_schedules import Uniform
+from keras_ema.growing_schedules import gamma_to_sigma_rel
+from keras_ema.growing_schedules import sigma_rel_to_gamma
 
-def _is_real(value):
-    # `bool` is a `numbers.Real`, but `decay=True` is a bug, not a decay.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _invalid(owner, name, value, expected, example):
-    return ValueError(
-        f"`{owner}` requires `{name}` to be {expected}. Received: "
-        f"{name}={value!r}. Instead, pass e.g. {name}={example}."
-    )
-
-
-def _check_decay(owner, name, value):
-    # NaN fails the comparison, so it is rejected too.
-    if not (_is_real(value) and 0.0 <= value <= 1.0):
-        raise _invalid(owner, name, value, "a real number in [0, 1]", "0.999")
-    return float(value)
-
-
-def _check_positive(owner, name, value, example):
-    if not (_is_real(value) and 0.0 < value < math.inf):
-        raise _invalid(owner, name, value, "a finite real number > 0", example)
-    return float(value)
-
-
-class DecaySchedule:
-    """Base class of decay schedules: `schedule(step) -> decay`.
-
-    `step` is `n`, the number of EMA updates after `start_step` before this
-    one: a Python int or an integer tensor. Subclasses implement `__call__`,
-    returning a float32 scalar tensor computed with `keras.ops` only (no
-    Python branching on `step`, so the decay changes inside a compiled train
-    step without retracing), and `get_config`, returning every constructor
-    argument. Register them so that saved models load again.
-
-    `parameters` names the number attributes that `__call__` reads. A
-    schedule that lists them can be replaced during training by another of
-    its class (`optimizer.average_decay = Warmup(0.9999)`): the compiled step
-    reads them from variables, so the change takes effect without retracing.
-
-    Example:
-
-    ```python
-    @keras.saving.register_keras_serializable(package="my_package")
-    class LinearRamp(keras_ema.schedules.DecaySchedule):
-        # Ramps the decay linearly from 0 to `max_decay` in `steps` updates.
-        def __init__(self, max_decay, steps):
-            self.max_decay = max_decay
-            self.steps = steps
-
-        def __call__(self, step):
-            n = keras.ops.cast(step, "float32")
-            return keras.ops.minimum(n / self.steps, self.max_decay)
-
-        def get_config(self):
-            return {"max_decay": self.max_decay, "steps": self.steps}
-    ```
-    """
-
-    parameters = ()
-    # Whether `step` counts averaging updates (k = 0, 1, ... for the
-    # averages moved every `update_every` real updates) rather than real
-    # updates; see `complement`.
-    counts_averages = False
-
-    def __call__(self, step):
-        raise NotImplementedError(
-            f"`{type(self).__name__}` must implement `__call__(self, step)`: "
-            "return the decay for EMA update `step` as a float32 scalar "
-            "tensor computed with `keras.ops`."
-        )
-
-    def get_config(self):
-        raise NotImplementedError(
-            f"`{type(self).__name__}` must implement `get_config(self)`: "
-            "return a dict of its constructor arguments so it can be saved."
-        )
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def complement(self, step):
-        """`1 - self(step)`; subclasses whose decay nears 1 compute it
-        directly, so that float32 keeps its digits."""
-        return 1.0 - ops.cast(self(step), "float32")
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
+__all__ = [
+    "Constant", "Cosine", "DecaySchedule", "Dynamic", "HalfLife", "Power",
+    "Uniform", "Warmup", "complement", "deserialize", "gamma_to_sigma_rel",
+    "get", "number_rule", "parameters", "serialize", "sigma_rel_to_gamma",
+    "with_values",
+]
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
@@ -360,11 +283,3 @@ def get(identifier, dynamic=False):
         "`keras_ema.schedules.Warmup(0.9999)`."
     )
 
-
-# The schedules whose average grows with training, in their own module; they
-# build on the base class above.
-from keras_ema.growing_schedules import Cosine  # noqa: E402,F401
-from keras_ema.growing_schedules import Power  # noqa: E402,F401
-from keras_ema.growing_schedules import Uniform  # noqa: E402,F401
-from keras_ema.growing_schedules import gamma_to_sigma_rel  # noqa: E402,F401
-from keras_ema.growing_schedules import sigma_rel_to_gamma  # noqa: E402,F401

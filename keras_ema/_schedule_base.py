@@ -1,0 +1,103 @@
+"""The protocol of decay schedules and the checks of their arguments.
+
+`schedules.py` holds the schedules and the rules that apply them; the
+schedules whose average grows with training are in `growing_schedules.py`.
+Both build on `DecaySchedule` here.
+"""
+
+import math
+import numbers
+
+from keras import ops
+
+
+def is_real(value):
+    # `bool` is a `numbers.Real`, but `decay=True` is a bug, not a decay.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def invalid(owner, name, value, expected, example):
+    return ValueError(
+        f"`{owner}` requires `{name}` to be {expected}. Received: "
+        f"{name}={value!r}. Instead, pass e.g. {name}={example}."
+    )
+
+
+def check_decay(owner, name, value):
+    # NaN fails the comparison, so it is rejected too.
+    if not (is_real(value) and 0.0 <= value <= 1.0):
+        raise invalid(owner, name, value, "a real number in [0, 1]", "0.999")
+    return float(value)
+
+
+def check_positive(owner, name, value, example):
+    if not (is_real(value) and 0.0 < value < math.inf):
+        raise invalid(owner, name, value, "a finite real number > 0", example)
+    return float(value)
+
+
+class DecaySchedule:
+    """Base class of decay schedules: `schedule(step) -> decay`.
+
+    `step` is `n`, the number of EMA updates after `start_step` before this
+    one: a Python int or an integer tensor. Subclasses implement `__call__`,
+    returning a float32 scalar tensor computed with `keras.ops` only (no
+    Python branching on `step`, so the decay changes inside a compiled train
+    step without retracing), and `get_config`, returning every constructor
+    argument. Register them so that saved models load again.
+
+    `parameters` names the number attributes that `__call__` reads. A
+    schedule that lists them can be replaced during training by another of
+    its class (`optimizer.average_decay = Warmup(0.9999)`): the compiled step
+    reads them from variables, so the change takes effect without retracing.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable(package="my_package")
+    class LinearRamp(keras_ema.schedules.DecaySchedule):
+        # Ramps the decay linearly from 0 to `max_decay` in `steps` updates.
+        def __init__(self, max_decay, steps):
+            self.max_decay = max_decay
+            self.steps = steps
+
+        def __call__(self, step):
+            n = keras.ops.cast(step, "float32")
+            return keras.ops.minimum(n / self.steps, self.max_decay)
+
+        def get_config(self):
+            return {"max_decay": self.max_decay, "steps": self.steps}
+    ```
+    """
+
+    parameters = ()
+    # Whether `step` counts averaging updates (k = 0, 1, ... for the
+    # averages moved every `update_every` real updates) rather than real
+    # updates; see `complement`.
+    counts_averages = False
+
+    def __call__(self, step):
+        raise NotImplementedError(
+            f"`{type(self).__name__}` must implement `__call__(self, step)`: "
+            "return the decay for EMA update `step` as a float32 scalar "
+            "tensor computed with `keras.ops`."
+        )
+
+    def get_config(self):
+        raise NotImplementedError(
+            f"`{type(self).__name__}` must implement `get_config(self)`: "
+            "return a dict of its constructor arguments so it can be saved."
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def complement(self, step):
+        """`1 - self(step)`; subclasses whose decay nears 1 compute it
+        directly, so that float32 keeps its digits."""
+        return 1.0 - ops.cast(self(step), "float32")
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
