@@ -6,8 +6,6 @@ import re
 import keras
 import numpy as np
 
-from keras_ema import _tf
-
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -57,7 +55,7 @@ def check_int(value, name, minimum):
     return int(value)
 
 
-def check_float_dtype(dtype):
+def check_float_dtype(dtype, road):
     try:
         standard = keras.backend.standardize_dtype(dtype)
     except ValueError:
@@ -68,32 +66,19 @@ def check_float_dtype(dtype):
             f"dtype, one of {FLOATS}, or None. Received: "
             f"average_dtype={dtype!r}."
         )
-    if standard == "float64" and keras.backend.backend() == "jax":
-        import jax
-
-        if not jax.config.jax_enable_x64:
-            raise ValueError(
-                "ExponentialMovingAverage does not support "
-                "`average_dtype='float64'` while JAX runs without 64-bit "
-                "floats: it would silently use float32. Instead, call "
-                "`jax.config.update('jax_enable_x64', True)` first."
-            )
+    road.check_float_dtype(standard)
     return standard
 
 
-def check_step_count(value, name, minimum):
+def check_step_count(value, name, minimum, limit):
     """`check_int`, for an int that the train step compares with its step
-    counter, a variable of Keras' default int dtype."""
+    counter; `limit` is the largest the backend's counter holds, or None."""
     value = check_int(value, name, minimum)
-    if keras.backend.backend() != "jax":
-        # int64 on TensorFlow; torch promotes a larger int to int64.
-        return value
-    dtype = keras.backend.standardize_dtype("int")
-    limit = int(np.iinfo(dtype).max)
-    if value > limit:
+    if limit is not None and value > limit:
         raise ValueError(
             f"ExponentialMovingAverage does not support `{name}` above "
-            f"{limit} on JAX: the step counter is {dtype}, and a larger "
+            f"{limit} on JAX: the step counter is "
+            f"{keras.backend.standardize_dtype('int')}, and a larger "
             "value breaks the compiled train step (an OverflowError, or "
             "with `jax_enable_x64` a silent wrap-around). Received: "
             f"{name}={value!r}. Instead, pass {name} <= {limit}."
@@ -164,12 +149,13 @@ def _is_collection(value):
 PROBES = (0, 1, 10, 10**3, 10**6)
 
 
-def check_schedule(schedule):
+def check_schedule(schedule, eager_scope):
     """Evaluates `schedule` at `PROBES`; its decay must lie in [0, 1].
 
-    Probed once, eagerly, as the train step calls it: with an integer tensor
-    `n` of the step counter's dtype, the result cast to float32. A decay
-    outside [0, 1] (or NaN) makes the averages diverge silently.
+    Probed once, eagerly (in `eager_scope()`, the road's), as the train
+    step calls it: with an integer tensor `n` of the step counter's dtype,
+    the result cast to float32. A decay outside [0, 1] (or NaN) makes the
+    averages diverge silently.
     """
     if not callable(schedule) or isinstance(schedule, type):
         raise ValueError(
@@ -183,7 +169,7 @@ def check_schedule(schedule):
             "`n -> decay`."
         )
     dtype = keras.backend.standardize_dtype("int")
-    with _tf.eager_scope():
+    with eager_scope():
         for n in PROBES:
             try:
                 decay = keras.ops.cast(
@@ -223,8 +209,9 @@ def check_model(model, what):
     """`model` must be a Keras 3 model or layer."""
     if isinstance(model, keras.layers.Layer):
         return model
-    if _is_variable(model) or (
-        isinstance(model, (list, tuple)) and model and _is_variable(model[0])
+    if _looks_like_a_variable(model) or (
+        isinstance(model, (list, tuple)) and model
+        and _looks_like_a_variable(model[0])
     ):
         instead = (
             "pass the model itself, not its variables, e.g. "
@@ -244,13 +231,14 @@ def check_model(model, what):
     )
 
 
-def check_variables(var_list, what):
-    """`var_list` as a list, each item a variable (Keras, or TF's on TF)."""
-    if var_list is None or _is_variable(var_list) or not _is_collection(
+def check_variables(var_list, what, is_variable):
+    """`var_list` as a list, each item a variable (`is_variable`, the
+    road's: Keras', or TF's on TF)."""
+    if var_list is None or is_variable(var_list) or not _is_collection(
         var_list
     ):
         instead = (
-            "pass a list, e.g. `[variable]`" if _is_variable(var_list)
+            "pass a list, e.g. `[variable]`" if is_variable(var_list)
             else "pass a list of the model's variables, e.g. "
             "`model.trainable_variables`"
         )
@@ -261,7 +249,7 @@ def check_variables(var_list, what):
         )
     var_list = list(var_list)
     for i, variable in enumerate(var_list):
-        if not _is_variable(variable):
+        if not is_variable(variable):
             raise ValueError(
                 f"`{what}` does not support items of `var_list` that are not "
                 f"variables. Received: var_list[{i}]={_describe(variable)} of "
@@ -272,14 +260,9 @@ def check_variables(var_list, what):
     return var_list
 
 
-def _is_variable(value):
-    if isinstance(value, keras.Variable):
-        return True
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    return isinstance(value, tf.Variable)
+def _looks_like_a_variable(value):
+    """A variable of any backend: what `check_model` names as a mistake."""
+    return hasattr(value, "assign") and hasattr(value, "shape")
 
 
 def _describe(value):

@@ -10,9 +10,10 @@ schedule, another schedule class), is refused once training started.
 """
 
 import keras
+import numpy as np
 
 from keras_ema import _checks
-from keras_ema import _tf
+from keras_ema import _schedule_base
 from keras_ema import schedules
 
 _FROZEN = (
@@ -25,88 +26,116 @@ _FROZEN = (
 )
 
 
-def set_decay(optimizer, value):
+def set_decay(state, value, add_variable):
     """`optimizer.average_decay = value`."""
-    number = schedules._is_real(value)
+    number = _schedule_base.is_real(value)
     if number:
-        value = schedules._check_decay(
+        value = _schedule_base.check_decay(
             "ExponentialMovingAverage", "average_decay", value
         )
         schedule = None
     else:
-        schedule = _checks.check_schedule(schedules.get(value))
-    old = optimizer.__dict__.get("_schedule")
-    if optimizer._trained and not (
+        schedule = _checks.check_schedule(
+            schedules.get(value), state.road.eager_scope
+        )
+    old = state.schedule
+    if state.trained and not (
         (number and old is None)
         or (old is not None and type(schedule) is type(old)
             and schedules.parameters(schedule))
     ):
         raise ValueError(_FROZEN.format(value))
-    optimizer.__dict__["_average_decay"] = value
-    optimizer.__dict__["_schedule"] = schedule
-    if optimizer.built:
-        hold(optimizer)
+    state.average_decay = value
+    state.schedule = schedule
+    if state.built:
+        hold(state, add_variable)
 
 
-def create(optimizer):
+def create(state, add_variable):
     """Creates the variables, holding the decay set so far.
 
     With initial values rather than assignments: in a replica context of
     `tf.distribute` an assignment would be a merge call.
     """
-    schedule = optimizer._schedule
-    number = optimizer._average_decay if schedule is None else 0.0
-    optimizer._decay = _add(optimizer, "average_decay", number)
-    _create_schedule_values(optimizer, schedule)
+    number = state.average_decay if state.schedule is None else 0.0
+    state.decay = _add(state, add_variable, "average_decay", number)
+    _create_schedule_values(state, add_variable)
 
 
-def hold(optimizer):
+def hold(state, add_variable):
     """Puts the decay's numbers into the variables the step reads."""
-    schedule = optimizer._schedule
-    with _tf.strategy_scope(optimizer), _tf.eager_scope():
+    schedule = state.schedule
+    road = state.road
+    with road.strategy_scope(state), road.eager_scope():
         if schedule is None:
-            optimizer._decay.assign(optimizer._average_decay)
+            state.decay.assign(state.average_decay)
             return
-        held = optimizer.__dict__.get("_schedule_values") or {}
+        held = state.schedule_values
         if set(held) != set(schedules.parameters(schedule)):
-            _create_schedule_values(optimizer, schedule)
+            _create_schedule_values(state, add_variable)
             return
         for name, variable in held.items():
             variable.assign(getattr(schedule, name))
 
 
-def _create_schedule_values(optimizer, schedule):
+def sync_from_variables(state):
+    """The Python decay (what `get_config` saves) from the variables, after
+    a load wrote them."""
+    def number(variable):
+        return float(keras.ops.convert_to_numpy(variable))
+
+    if state.schedule is None:
+        decay = number(state.decay)
+        if np.float32(state.average_decay) != np.float32(decay):
+            state.average_decay = decay
+        return
+    schedule = state.schedule
+    loaded = {k: number(v) for k, v in state.schedule_values.items()}
+    # Values that float32 holds as they were keep their Python spelling.
+    changed = {
+        k: v for k, v in loaded.items()
+        if np.float32(getattr(schedule, k)) != np.float32(v)
+    }
+    if changed:
+        state.schedule = schedules.with_values(schedule, changed)
+        state.average_decay = state.schedule
+
+
+def _create_schedule_values(state, add_variable):
+    schedule = state.schedule
     names = schedules.parameters(schedule) if schedule is not None else ()
-    optimizer.__dict__["_schedule_values"] = {
-        name: _add(optimizer, f"average_decay_{name}", getattr(schedule, name))
+    state.schedule_values = {
+        name: _add(state, add_variable, f"average_decay_{name}",
+                   getattr(schedule, name))
         for name in names
     }
 
 
-def _add(optimizer, name, value):
+def _add(state, add_variable, name, value):
     # Eagerly, also while `fit` traces the step that builds the optimizer.
-    with _tf.strategy_scope(optimizer), _tf.eager_scope():
-        return optimizer.add_variable(
+    road = state.road
+    with road.strategy_scope(state), road.eager_scope():
+        variable = add_variable(
             shape=(), dtype="float32", aggregation="only_first_replica",
             initializer=keras.initializers.Constant(value), name=name,
         )
+    state.own_variables.append(variable)
+    return variable
 
 
-def complement_at(optimizer, n):
+def complement_at(state, n):
     """`1 - decay` of the averaging update after real update `n + 1` since
     `start_step`, read from the variables (`schedules.complement`)."""
-    schedule = optimizer._schedule
+    schedule = state.schedule
     if schedule is None:
         def schedule(step):
             return schedules.number_rule(
-                step, optimizer._decay, optimizer.dynamic_decay
+                step, state.decay, state.dynamic_decay
             )
-    else:
-        held = optimizer.__dict__.get("_schedule_values")
-        if held:
-            # Values, not variables: plain arithmetic on a variable inside a
-            # traced JAX step is refused.
-            schedule = schedules.with_values(
-                schedule, {k: v.value for k, v in held.items()}
-            )
-    return schedules.complement(schedule, n, optimizer.update_every)
+    elif state.schedule_values:
+        # Values, not variables: plain arithmetic on a variable inside a
+        # traced JAX step is refused.
+        schedule = schedules.with_values(
+            schedule, {k: v.value for k, v in state.schedule_values.items()}
+        )
+    return schedules.complement(schedule, n, state.update_every)

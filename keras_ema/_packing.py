@@ -18,9 +18,6 @@ where each average is laid out like its weight; weights with a raw backup
 averages per call (`_torch.py`).
 """
 
-import contextlib
-import threading
-
 import keras
 import numpy as np
 from keras import ops
@@ -44,17 +41,13 @@ class Pack:
         """The weights (variables or values), flattened and joined."""
         return ops.concatenate([ops.reshape(w, (-1,)) for w in weights], 0)
 
-    def join_once(self, weights):
+    def join_once(self, weights, joins):
         """`join`, computed once per step for the averages of every profile
-        (`sharing_joins`), which pack the same weights alike."""
-        if _shared.joins is None:
+        (`PostHocEMA`), which pack the same weights alike: `joins` (a
+        `Joins`, or None) keeps the joins of the step."""
+        if joins is None:
             return self.join(weights)
-        # Per graph too: a join made in one `tf.cond` branch (`update_every`)
-        # cannot be used in another.
-        key = (_graph(), *map(id, weights))
-        if key not in _shared.joins:
-            _shared.joins[key] = (weights, self.join(weights))
-        return _shared.joins[key][1]
+        return joins.get(self, weights)
 
     def split(self, flat):
         """A flat pack's value, as one tensor per weight, in its shape."""
@@ -123,17 +116,6 @@ class PackedAverage:
             f"<PackedAverage path={self.path}, shape={self.shape}, "
             f"dtype={self.dtype}>"
         )
-
-
-def enabled():
-    """Whether averages are packed: on TensorFlow (also under
-    `tf.distribute`, where a pack holds weights of the same devices only, so
-    that a `tf.train.Checkpoint` has the same layout with or without a
-    strategy), and on JAX without a `keras.distribution`."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        return keras.distribution.distribution() is None
-    return backend == "tensorflow"
 
 
 def plan(weights, average_dtype):
@@ -217,26 +199,20 @@ def assign_all(slots, values):
         pack.buffer.assign(np.concatenate(flat).astype(dtype))
 
 
-def _graph():
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
+class Joins:
+    """The packs' joined weights of one step, made once each.
 
-    return id(tf.compat.v1.get_default_graph())
+    `graph_key()` (the road's) tells apart the graphs of a traced step: a
+    join made in one `tf.cond` branch (`update_every`) cannot be used in
+    another.
+    """
 
+    def __init__(self, graph_key):
+        self.graph_key = graph_key
+        self.made = {}
 
-class _Shared(threading.local):
-    joins = None
-
-
-_shared = _Shared()
-
-
-@contextlib.contextmanager
-def sharing_joins():
-    """Within the block, `Pack.join_once` joins given weights once."""
-    previous, _shared.joins = _shared.joins, {}
-    try:
-        yield
-    finally:
-        _shared.joins = previous
+    def get(self, pack, weights):
+        key = (self.graph_key(), *map(id, weights))
+        if key not in self.made:
+            self.made[key] = (weights, pack.join(weights))
+        return self.made[key][1]

@@ -8,6 +8,11 @@ cannot hide them (and at 3 it would hide every real C++ error too).
 `notices_hidden()` catches what the process writes to standard error
 meanwhile and writes everything back except those exact notices.
 
+A library must leave the process's standard error alone: `import keras_ema`
+does, unless a program of keras-ema owns the process (`python -m
+keras_ema...`) or a program asks for a quiet start by setting
+`KERAS_EMA_QUIET_START=1` before it imports keras_ema (the notebooks do).
+
 A Keras backend or an extra that is not installed is named, with the extra
 of `setup.cfg` that installs it, before anything is written.
 
@@ -96,6 +101,25 @@ def notices_hidden():
                 _no_driver_seen.append(True)
             sys.stderr.writelines(kept_lines(text, bool(_no_driver_seen)))
             sys.stderr.flush()
+
+
+QUIET_START = "KERAS_EMA_QUIET_START"
+
+
+def import_keras():
+    """Imports Keras, and with it the backend: quietly for a program of
+    keras-ema, or where `KERAS_EMA_QUIET_START` is set; else standard error
+    is left alone. A missing backend gets one line (`refuse_missing_backend`).
+    """
+    program = getattr(sys, "argv", [])[:1] == ["-m"]
+    quiet = "tensorflow" not in sys.modules and (
+        program or os.environ.get(QUIET_START, "") not in ("", "0")
+    )
+    with notices_hidden() if quiet else contextlib.nullcontext():
+        try:
+            import keras  # noqa: F401
+        except ModuleNotFoundError as error:
+            refuse_missing_backend(error)
 
 
 def start_quietly():

@@ -1,156 +1,220 @@
-"""The TensorFlow seams of `ExponentialMovingAverage`.
+"""The TensorFlow road of `ExponentialMovingAverage`.
 
-Under `tf.distribute` the averages must be created in the strategy's scope and
-colocated with their weights, and a compiled `tf.function` step runs long
-after it was traced. Each function here is a no-op on the other backends.
+Under `tf.distribute` the averages must be created in the strategy's scope
+and colocated with their weights, and updated per device through the
+strategy, as Keras' own optimizers update their slots. A compiled
+`tf.function` step runs long after it was traced, so its refusals are
+in-graph checks of the swap flag; and per-variable op dispatch, not
+arithmetic, dominates a model with thousands of small weights: one
+in-place kernel per average, small averages packed (`_packing.py`).
 """
 
 import contextlib
+import functools
 
 import keras
+import tensorflow as tf
+
+from keras_ema import _packing
+from keras_ema import _road
+from keras_ema import _step
+from keras_ema import _update
 
 
-def _tensorflow():
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
+class TensorFlowRoad(_road.Road):
+    packs_averages = True
 
-    return tf
+    def eager_scope(self):
+        return tf.init_scope()
 
+    def executing_eagerly(self):
+        return tf.executing_eagerly()
 
-UNINITIALIZED = (
-    "ExponentialMovingAverage could not create the averages of weights that "
-    "are created inside this `tf.function`: TensorFlow ran the function "
-    "before it initialized them. Instead, build the model before its first "
-    "step (`model.build(input_shape)`, or start it with `keras.Input`)."
-)
+    def initialized(self, variable):
+        # A weight created by a model's first call inside a `tf.function`
+        # has no value in the function's first trace: TensorFlow initializes
+        # it afterwards and traces the function again.
+        with tf.init_scope():
+            return bool(_tf_variable(variable).is_initialized())
 
+    def strategy_scope(self, state):
+        # `shadow_copy` runs where the user calls it (after `compile()`), or
+        # in a callback's `on_train_begin`: outside the scope, where TF
+        # would create plain, unmirrored variables or refuse to colocate.
+        if tf.distribute.has_strategy():
+            return contextlib.nullcontext()
+        return state.strategy.scope()
 
-def colocate_with(optimizer, variable):
-    """Creates the variables of the block on `variable`'s devices."""
-    if _tensorflow() is None:
-        return contextlib.nullcontext()
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    return optimizer._distribution_strategy.extended.colocate_vars_with(
-        variable
-    )
+    def colocate_with(self, state, variable):
+        return state.strategy.extended.colocate_vars_with(
+            _tf_variable(variable)
+        )
 
+    def graph_key(self):
+        return id(tf.compat.v1.get_default_graph())
 
-def initialized(variable):
-    """Whether `variable` has a value outside the function being traced.
+    def is_variable(self, value):
+        return isinstance(value, (keras.Variable, tf.Variable))
 
-    A weight created by a model's first call inside a `tf.function` has none
-    in the function's first trace: TensorFlow initializes it afterwards and
-    traces the function again.
-    """
-    tf = _tensorflow()
-    if tf is None:
-        return True
-    if isinstance(variable, keras.Variable):
-        variable = variable.value
-    with tf.init_scope():
-        return bool(variable.is_initialized())
+    # -- refusing while the averages are swapped in ---------------------------
 
+    def gate(self, flags, message, values, never=None):
+        """In a traced step: `values`, released only once `flags` are
+        checked 0.
 
-def strategy_scope(optimizer):
-    """The optimizer's distribution strategy scope, unless already in one.
+        A compiled step is traced once but may run after any later swap.
+        Gating what the optimizer consumes, rather than making every op of
+        its update wait on the check, keeps the step's order: each weight
+        still updates as soon as its gradient is ready. Given a message
+        `never`, the traced step fails with it if it ever runs (a first
+        trace, which TensorFlow discards once it has initialized the
+        variables created in it). Eagerly, `values`.
 
-    `shadow_copy` runs where the user calls it (after `compile()`), or in
-    `SwapAverageWeights.on_train_begin`: outside the scope, where TF would
-    create plain, unmirrored variables or refuse to colocate.
-    """
-    tf = _tensorflow()
-    if tf is None or tf.distribute.has_strategy():
-        return contextlib.nullcontext()
-    return optimizer._distribution_strategy.scope()
+        In a replica context, a value that every replica passes as the same
+        object (a gradient captured from outside `strategy.run`) is gated
+        once, across replicas, and stays one object: the inner optimizer's
+        all-reduce takes such a value once, as it takes it ungated. Gated by
+        each replica, it would be one value per replica, and summed.
+        """
+        if tf.executing_eagerly():
+            return values
+        values = list(values)
+        if not tf.distribute.has_strategy() or (
+            tf.distribute.in_cross_replica_context()
+        ):
+            return _gate(flags, message, values, never)
 
+        def gate_shared(strategy, values):
+            # Here a value that differs across replicas is a `PerReplica`.
+            # The all-reduce sends a shared one from its device: it keeps it.
+            shared = [None] * len(values)
+            devices = {}
+            for i, value in enumerate(values):
+                if isinstance(value, (tf.Tensor, tf.IndexedSlices)):
+                    devices.setdefault(value.device, []).append(i)
+            for device, indices in devices.items():
+                with tf.device(device):
+                    gated = _gate(
+                        flags, message, [values[i] for i in indices], never
+                    )
+                for i, value in zip(indices, gated):
+                    shared[i] = value
+            return shared
 
-def eager_scope():
-    """Runs its block eagerly, also while a `tf.function` is being traced."""
-    tf = _tensorflow()
-    return contextlib.nullcontext() if tf is None else tf.init_scope()
+        shared = tf.__internal__.distribute.interim.maybe_merge_call(
+            gate_shared, tf.distribute.get_strategy(), values
+        )
+        local = [v if s is None else None for v, s in zip(values, shared)]
+        local = _gate(flags, message, local, never)
+        return [v if s is None else s for v, s in zip(local, shared)]
 
+    def refusing(self, flags, message):
+        if tf.executing_eagerly():
+            return contextlib.nullcontext()
+        return tf.control_dependencies([_assert_zero(flags, message)])
 
-def executing_eagerly():
-    tf = _tensorflow()
-    return True if tf is None else tf.executing_eagerly()
+    def run_guarded(self, model, states, original, args):
+        if tf.executing_eagerly():
+            return super().run_guarded(model, states, original, args)
+        # Traced: the step's input waits for the check, so the forward pass
+        # (and the BatchNorm statistics it moves) runs only once the swap
+        # flags are checked 0. Gating the input, not the whole step, keeps
+        # the variables that the step creates liftable out of an XLA step
+        # (a LossScaleOptimizer built in the first trace).
+        flags = [state.swapped for state in states if state.built]
+        if not flags:
+            # Built in this very trace (a lazily built model): not swapped.
+            return original(*args)
+        return original(*self.gate(flags, _step.SWAPPED_IN, args))
 
+    # -- the averages' updates ------------------------------------------------
 
-def gate(flag, message, values, small, bunch, never=None):
-    """In a traced step: `values`, released only once `flag` is checked 0.
+    def for_each(self, state, entries, packs, fn, args, when, joins):
+        if fn is _update.move:
+            fn = _move
+        value = _update_value
 
-    A compiled step is traced once but may run after any later swap. Gating
-    what the optimizer consumes, rather than making every op of its update
-    wait on the check, keeps the step's order: each weight still updates as
-    soon as its gradient is ready, instead of every gradient of the step
-    being held in memory until the check has run. Tensors of at most `small`
-    elements pass in bunches of at most `bunch` elements, one `IdentityN`
-    per bunch (one graph op each costs as much as moving 10k floats); the
-    others one by one. Given a message `never`, the traced step fails with it
-    if it ever runs (a first trace, which TensorFlow discards once it has
-    initialized the variables created in it). Eagerly, `values`.
-
-    In a replica context, a value that every replica passes as the same
-    object (a gradient captured from outside `strategy.run`) is gated once,
-    across replicas, and stays one object: the inner optimizer's all-reduce
-    takes such a value once, as it takes it ungated. Gated by each replica,
-    it would be one value per replica, and summed.
-    """
-    if executing_eagerly():
-        return values
-    tf = _tensorflow()
-    values = list(values)
-    if not tf.distribute.has_strategy() or (
-        tf.distribute.in_cross_replica_context()
-    ):
-        return _gate(flag, message, values, small, bunch, never)
-
-    def gate_shared(strategy, values):
-        # Here a value that differs across replicas is a `PerReplica`. The
-        # all-reduce sends a shared one from its device: it keeps it.
-        shared = [None] * len(values)
-        devices = {}
-        for i, value in enumerate(values):
-            if isinstance(value, (tf.Tensor, tf.IndexedSlices)):
-                devices.setdefault(value.device, []).append(i)
-        for device, indices in devices.items():
-            with tf.device(device):
-                gated = _gate(
-                    flag, message, [values[i] for i in indices], small, bunch,
-                    never,
+        def update_all(distribution, *args):
+            for weight, average, backup in entries:
+                distribution.extended.update(
+                    value(average),
+                    fn,
+                    args=(value(weight), value(backup), *args),
+                    group=False,
                 )
-            for i, value in zip(indices, gated):
-                shared[i] = value
-        return shared
+            for pack, chosen in packs:
+                distribution.extended.update(
+                    pack.buffer.value,
+                    functools.partial(
+                        _update.run_packed, fn, pack, chosen, joins
+                    ),
+                    args=([value(w) for w in pack.weights], *args),
+                    group=False,
+                )
 
-    shared = tf.__internal__.distribute.interim.maybe_merge_call(
-        gate_shared, tf.distribute.get_strategy(), values
+        def update(distribution, *args):
+            if when is None:
+                update_all(distribution, *args)
+                return
+            # In cross-replica context, like LossScaleOptimizer's
+            # conditional; every replica computed the same `when`.
+            flag = distribution.experimental_local_results(when)[0]
+            tf.cond(flag, lambda: update_all(distribution, *args),
+                    lambda: None)
+
+        if tf.distribute.in_cross_replica_context():
+            update(state.strategy, *args)
+        else:
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                update, state.strategy, *args
+            )
+
+
+def _move(average, weight, backup, factor):
+    """`_update.move` as one in-place kernel instead of a multiply and an
+    assignment: with thousands of small variables the step costs per op."""
+    delta = average - tf.cast(weight, average.dtype)
+    tf.raw_ops.ResourceApplyGradientDescent(
+        var=average.handle, alpha=tf.cast(factor, average.dtype), delta=delta
     )
-    local = [v if s is None else None for v, s in zip(values, shared)]
-    local = _gate(flag, message, local, small, bunch, never)
-    return [v if s is None else s for v, s in zip(local, shared)]
 
 
-def _gate(flag, message, values, small, bunch, never):
-    tf = _tensorflow()
+def _update_value(variable):
+    """The `tf.Variable` behind a `keras.Variable` (per device under a
+    strategy, as `extended.update` passes it); anything else as it is."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+# Tensors of at most this many elements pass the gate in bunches of at most
+# `_packing.PACK_LIMIT` elements, one `IdentityN` per bunch (one graph op
+# costs as much as moving 10k floats); the others one by one.
+_SMALL = _packing.WEIGHT_LIMIT
+
+
+def _gate(flags, message, values, never):
     # `IndexedSlices` gradients pass as their component tensors.
     flat = list(tf.nest.flatten(values, expand_composites=True))
-    if all(tensor is None for tensor in flat):
+    if not any(map(_gateable, flat)):
         return values
-    check = _assert_zero(flag, message)
+    check = _assert_zero(flags, message)
     if never is not None:
         with tf.control_dependencies([check]):
             check = tf.debugging.Assert(False, [never])
     bunches, size = [[]], 0
     for i, tensor in enumerate(flat):
-        if tensor is None:
+        if not _gateable(tensor):
             continue
         count = tensor.shape.num_elements()
-        if count is None or count > small:
+        if count is None or count > _SMALL:
             bunches.append([i])
             continue
-        if size + count > bunch:
+        if size + count > _packing.PACK_LIMIT:
             bunches.append([])
             size = 0
         bunches[-1].append(i)
@@ -165,21 +229,13 @@ def _gate(flag, message, values, small, bunch, never):
     return tf.nest.pack_sequence_as(values, flat, expand_composites=True)
 
 
-def check_zero(flag, message):
-    """In a traced step: the block's ops run only once `flag` is checked 0.
-
-    A compiled step is traced once but may run after any later swap, so the
-    variable itself is checked (one scalar op per step), and every update of
-    the step waits for that check. Eagerly, nothing to do here.
-    """
-    if executing_eagerly():
-        return contextlib.nullcontext()
-    return _tensorflow().control_dependencies([_assert_zero(flag, message)])
+def _gateable(value):
+    """A tensor or a variable (a step's input may hold Python values too)."""
+    return tf.is_tensor(value) or isinstance(value, (tf.Variable, keras.Variable))
 
 
-def _assert_zero(flag, message):
-    tf = _tensorflow()
-    # One flag, or several (the swap flags of a `PostHocEMA`'s profiles).
-    flags = flag if isinstance(flag, (list, tuple)) else [flag]
-    value = tf.add_n([f.value for f in flags])
-    return tf.debugging.assert_equal(value, tf.zeros_like(value), message=message)
+def _assert_zero(flags, message):
+    value = tf.add_n([_tf_variable(f) for f in flags])
+    return tf.debugging.assert_equal(
+        value, tf.zeros_like(value), message=message
+    )

@@ -8,42 +8,48 @@ reading the factor costs nothing, a factor below one half moves each group
 with one `lerp`: one pass, no temporary, and the rule's result with one
 rounding (a fused multiply-add, as XLA computes it on JAX); else, on
 accelerators (where the read would wait for the device) and under
-torch.compile, the three kernels of `_averages.move`, bit for bit.
+torch.compile, the three kernels of `_update.move`, bit for bit.
 """
 
 import torch
+
+# Keras has no public way to ask whether a `StatelessScope` is active, where
+# variables' values live in the scope instead of their tensors.
 from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+from keras_ema import _road
+from keras_ema import _update
 
 # Elements per group: bounds the temporary `average - weight` of one group.
 _GROUP_SIZE = 1 << 22
 
 
-def due(when):
-    """Whether an update with condition `when` (or `None`) has work to do.
+class TorchRoad(_road.Road):
+    """The eager road, with the averages moved by multi-tensor kernels."""
 
-    Reads one boolean from the device, and only when the user asked for
-    `update_every > 1`: the read saves k - 1 of every k updates.
-    """
-    return when is None or bool(when)
+    def for_each(self, state, entries, packs, fn, args, when, joins):
+        # Reads one boolean from the device, and only when the user asked
+        # for `update_every > 1`: the read saves k - 1 of every k updates.
+        if when is not None and not bool(when):
+            return
+        if fn is _update.move and not in_stateless_scope():
+            _move_all(state, entries, *args)
+            return
+        super().for_each(state, entries, packs, fn, args, None, joins)
 
 
-def move_all(averaged, entries, factor, move):
+def _move_all(state, entries, factor):
     """`average -= factor * (average - weight)` for every entry.
 
-    `averaged` (the optimizer's `Averaged` holder) keeps the grouping, made
-    once: per step only the kernels run, on the variables' own tensors.
+    `state.torch_groups` keeps the grouping, made once: per step only the
+    kernels run, on the variables' own tensors.
     """
-    if in_stateless_scope():
-        # The values live in the scope, not in the variables' tensors.
-        for weight, average, backup in entries:
-            move(average, weight, backup, factor)
-        return
-    plan = averaged.torch_groups
+    plan = state.torch_groups
     if plan is None or plan[0] is not entries or plan[1] != len(entries):
-        plan = averaged.torch_groups = (entries, len(entries), _groups(entries))
+        plan = state.torch_groups = (entries, len(entries), _groups(entries))
     singles, groups = plan[2]
     for weight, average, backup in singles:
-        move(average, weight, backup, factor)
+        _update.move(average, weight, backup, factor)
     # `a + f * (w - a)` is `a - f * (a - w)` exactly below one half; from
     # there on torch's `lerp` computes `w - (1 - f) * (w - a)`, which is not.
     # Read once a step; under torch.compile the read would break the graph.

@@ -2,9 +2,10 @@
 
 import keras
 
+from keras_ema import _binding
+from keras_ema._binding import find_in_model
 from keras_ema._files import atomic_path
 from keras_ema.callbacks import _swap_out
-from keras_ema.optimizer import find_in_model
 
 
 class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -71,11 +72,17 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
             )
         self.update_weights = update_weights
 
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        # The callback's `model` is the optimizer's model (`shadow_copy`).
+        find_in_model(self.model, "AverageModelCheckpoint").shadow_copy(
+            self.model
+        )
+
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
         # Here, not in `on_train_begin`: `SwapAverageWeights` may come later
         # in the callback list. Failing now costs no training time.
-        find_in_model(self.model, "AverageModelCheckpoint")
         if self.save_best_only:
             self._check_monitor_on_averages()
 
@@ -99,30 +106,12 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self._save_model_atomically(epoch, batch, logs)
 
     def _save_model_atomically(self, epoch, batch, logs):
-        model = self.model
         name = "save_weights" if self.save_weights_only else "save"
-        save = getattr(model, name)
-        previous = vars(model).get(name)
-
-        def save_atomically(filepath, *args, **kwargs):
-            with atomic_path(filepath) as temporary:
-                save(temporary, *args, **kwargs)
-
-        # ModelCheckpoint formats the path, decides, reports the path, saves
-        # and rewords errors in one method: wrapping the model's save for
-        # that call only keeps all of it, and writes aside, then renames.
-        setattr(model, name, save_atomically)
-        try:
+        with _binding.saving_atomically(self.model, name, atomic_path):
             super()._save_model(epoch, batch, logs)
-        finally:
-            if previous is None:
-                delattr(model, name)
-            else:
-                setattr(model, name, previous)
 
     def _check_monitor_on_averages(self):
-        wrapper = vars(self.model).get("evaluate")
-        swap = getattr(wrapper, "_keras_ema_swap", None)
+        swap = _binding.validating_callback(self.model)
         if swap is None or (
             swap.log_raw_metrics and self.monitor.startswith("val_raw_")
         ):

@@ -1,12 +1,10 @@
 """`SwapAverageWeights`: validation, `evaluate` and `predict` on the averages."""
 
-import sys
-
 import keras
 
+from keras_ema import _binding
 from keras_ema import batch_norm
-from keras_ema._jax_state import reattach as _jax_reattach
-from keras_ema.optimizer import find_in_model
+from keras_ema._binding import find_in_model
 
 
 class SwapAverageWeights(keras.callbacks.Callback):
@@ -51,7 +49,9 @@ class SwapAverageWeights(keras.callbacks.Callback):
       averages; with `end_with_averages=True` too, `EarlyStopping` comes
       first, and the averages are swapped in over the best raw weights.
     - The two other orders would restore raw weights over the averages: they
-      raise an error when training begins, naming the order to use.
+      raise an error at the first validation, before `EarlyStopping` records
+      anything, naming the order to use (Keras shows a callback the others
+      only there, in the `callbacks` that `fit` passes to `evaluate`).
 
     Args:
         swap_on_epoch: If `True`, the averages stay in the model between
@@ -153,16 +153,13 @@ class SwapAverageWeights(keras.callbacks.Callback):
                     "`sigma_rel=None`, or train with `keras_ema.PostHocEMA`."
                 )
             opt.profile(self.sigma_rel)  # raises for an untracked width
-        _uninstall(self.model)
-        self._check_order()
         if self.update_bn_data is not None:
             batch_norm.check_has_layers(self.model, "SwapAverageWeights")
-        self._install()
+        _binding.install_validation(self.model, self, self._validate)
 
-    def _check_order(self):
-        callbacks = _running_callbacks(self)
-        if callbacks is None:
-            return
+    def _check_order(self, callbacks):
+        """Raises if an `EarlyStopping(restore_best_weights=True)` in the
+        fit's `callbacks` would restore raw weights over the averages."""
         mine = next(i for i, c in enumerate(callbacks) if c is self)
         for i, callback in enumerate(callbacks):
             if not (
@@ -200,36 +197,21 @@ class SwapAverageWeights(keras.callbacks.Callback):
                      self._which)
 
     def on_train_end(self, logs=None):
-        _uninstall(self.model, owner=self)
+        _binding.remove_validation(self.model, self)
         opt = find_in_model(self.model, "SwapAverageWeights")
         if self.end_with_averages:
             _swap_in(opt, self._which)
         else:
             _swap_out(opt)
 
-    def _install(self):
-        # `fit` has no try/finally, so hooks alone cannot swap back when
-        # validation raises; but it validates through `self.evaluate`, an
-        # instance attribute lookup, which this wraps until `on_train_end`.
-        model = self.model
-        evaluate = model.evaluate
-
-        def evaluate_on_averages(*args, **kwargs):
-            callbacks = kwargs.get("callbacks")
-            if not isinstance(callbacks, keras.callbacks.CallbackList):
-                return evaluate(*args, **kwargs)
-            if self not in callbacks.callbacks:
-                # The validation of a fit without this callback: the fit
-                # that installed the wrapper raised before `on_train_end`.
-                _uninstall(model)
-                return evaluate(*args, **kwargs)
-            return self._validate(evaluate, *args, **kwargs)
-
-        evaluate_on_averages._keras_ema_swap = self
-        evaluate_on_averages._keras_ema_previous = vars(model).get("evaluate")
-        model.evaluate = evaluate_on_averages
-
-    def _validate(self, evaluate, *args, **kwargs):
+    def _validate(self, evaluate, fit_callbacks, *args, **kwargs):
+        """Validation inside `fit` (`model.evaluate`, wrapped until
+        `on_train_end`), on the averages; `fit_callbacks` are the fit's."""
+        try:
+            self._check_order(fit_callbacks)
+        except ValueError:
+            _binding.remove_validation(self.model, self)
+            raise
         opt = find_in_model(self.model, "SwapAverageWeights")
         raw = None
         if self.log_raw_metrics:
@@ -245,7 +227,7 @@ class SwapAverageWeights(keras.callbacks.Callback):
                 logs = evaluate(*args, **kwargs)
             finally:
                 self._validating = False
-                _jax_reattach(self.model)
+                _binding.reattach(self.model)
                 batch_norm.put_back(saved)
         if raw is not None:
             logs.update({f"raw_{name}": value for name, value in raw.items()})
@@ -284,8 +266,6 @@ class SwapAverageWeights(keras.callbacks.Callback):
     def _begin_call(self, name):
         self._end_call()
         opt = find_in_model(self.model, "SwapAverageWeights")
-        function = getattr(self.model, name)
-        function = getattr(function, "_keras_ema_original", function)
         swapped = _swap_in(opt, self._which)
         saved = []
         try:
@@ -300,55 +280,30 @@ class SwapAverageWeights(keras.callbacks.Callback):
             raise
 
         # A step that raises swaps back before the error leaves `evaluate`
-        # or `predict`, which have no try/finally either. On JAX the step
-        # gets the model's state (its variables are empty meanwhile): that
-        # state goes back into them, unless the failed step consumed it.
-        def guarded(*args, **kwargs):
-            try:
-                return function(*args, **kwargs)
-            except BaseException:
-                _jax_reattach(self.model, args[0] if args else ())
-                self._end_call()
-                raise
+        # or `predict`. On JAX the step gets the model's state (its variables
+        # are empty meanwhile): that state goes back into them, unless the
+        # failed step consumed it.
+        def on_error(args):
+            _binding.reattach(self.model, args[0] if args else ())
+            self._end_call()
 
-        guarded._keras_ema_original = function
-        setattr(self.model, name, guarded)
-        self._call = (opt, name, function, swapped, saved)
+        _binding.guard_function(self.model, name, on_error)
+        self._call = (opt, name, swapped, saved)
 
     def _end_call(self):
         if self._call is None:
             return
-        opt, name, function, swapped, saved = self._call
+        opt, name, swapped, saved = self._call
         self._call = None
-        setattr(self.model, name, function)
+        _binding.unguard_function(self.model, name)
         # A call that an error ended outside the steps (another callback)
         # left the state of its last step outside the variables on JAX.
-        _jax_reattach(self.model)
+        _binding.reattach(self.model)
         batch_norm.put_back(saved)
         # Only what this call swapped in, and only if it still is in: a call
         # that ended by an error elsewhere is cleaned up later, safely.
         if swapped:
             _swap_out(opt)
-
-
-def _running_callbacks(callback):
-    """The callbacks of the `CallbackList` running a hook of `callback`.
-
-    Keras shows a callback neither the others nor its place among them, but
-    `fit` calls each hook from its `CallbackList`, a few frames up. `None`
-    where the hook is called otherwise.
-    """
-    frame = sys._getframe(1)
-    for _ in range(8):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, keras.callbacks.CallbackList) and any(
-            c is callback for c in owner.callbacks
-        ):
-            return owner.callbacks
-        frame = frame.f_back
-    return None
 
 
 def _swap_in(opt, which):
@@ -362,15 +317,3 @@ def _swap_in(opt, which):
 def _swap_out(opt):
     if opt.averages_swapped_in:
         opt.swap_weights()
-
-
-def _uninstall(model, owner=None):
-    wrapper = vars(model).get("evaluate")
-    swap = getattr(wrapper, "_keras_ema_swap", None)
-    if swap is None or (owner is not None and swap is not owner):
-        return
-    previous = wrapper._keras_ema_previous
-    if previous is None:
-        del model.evaluate
-    else:
-        model.evaluate = previous

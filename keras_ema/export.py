@@ -5,7 +5,7 @@ import os
 import keras
 
 from keras_ema._files import atomic_path
-from keras_ema.optimizer import find_in_model
+from keras_ema._binding import find_in_model
 
 
 def export_averaged(model, filepath, sigma_rel=None):

@@ -10,7 +10,7 @@ from keras import ops
 from keras_ema._files import atomic_path
 from keras_ema.export import plain_copy
 from keras_ema.optimizer import ExponentialMovingAverage
-from keras_ema.optimizer import find_in_model
+from keras_ema._binding import find_in_model
 
 # Where a `.keras` archive keeps the model's and the compile arguments'
 # configuration (`keras.src.saving.saving_lib`).
@@ -96,7 +96,7 @@ def load_averaged(filepath, model=None, sigma_rel=None, custom_objects=None):
     else:
         trained.load_weights(source)
     profile = _profile(opt, sigma_rel)
-    updates = int(ops.convert_to_numpy(profile._step)) if opt.built else 0
+    updates = int(ops.convert_to_numpy(profile._ema_state.step)) if opt.built else 0
     if not opt.has_shadow_copy or updates == 0:
         raise ValueError(
             "load_averaged does not support files saved before training: "

@@ -1,27 +1,45 @@
-"""`ExponentialMovingAverage`: a Keras 3 optimizer that averages the weights."""
+"""`ExponentialMovingAverage`: a Keras 3 optimizer that averages the weights.
 
-import contextlib
+The class owns all Python-side state in one `State` (`_state.py`) and hands
+it, with what else they need, to the helper modules: which variables get
+averages (`_slots.py`), the update math (`_update.py`), the decay
+(`_decay_variables.py`), swaps (`_swapping.py`), files (`_layout.py`), the
+model it is told about and the wrappers of Keras objects (`_binding.py`).
+Each backend's road is one module (`_road.py`, `_tf.py`, `_jax.py`,
+`_torch.py`), picked once, in `_road_for_backend` below.
+"""
+
 import warnings
 
 import keras
-from keras import ops
-from keras.src.utils import tracking
 
 from keras_ema import _atomic
-from keras_ema import _averages
+from keras_ema import _binding
 from keras_ema import _checks
-from keras_ema import _creating
 from keras_ema import _decay_variables
-from keras_ema import _model
-from keras_ema import _saving
+from keras_ema import _layout
 from keras_ema import _settings
-from keras_ema import _stepping
+from keras_ema import _slots
+from keras_ema import _state
+from keras_ema import _step
 from keras_ema import _swapping
-from keras_ema import _tf
 from keras_ema import teacher
-from keras_ema._model import find_in_model  # noqa: F401 (its old home)
 
-_SWAPPED_IN = _stepping.SWAPPED_IN
+
+def _road_for_backend():
+    """The backend's road: the one place that tells backends apart. Keras'
+    LossScaleOptimizer branches in `apply` and `stateless_apply`; this
+    optimizer's `apply` and `stateless_apply` call the road picked here."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras_ema._tf import TensorFlowRoad as Road
+    elif backend == "jax":
+        from keras_ema._jax import JaxRoad as Road
+    elif backend == "torch":
+        from keras_ema._torch import TorchRoad as Road
+    else:
+        from keras_ema._road import Road
+    return Road()
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
@@ -89,7 +107,6 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
     ```
     """
 
-
     def __init__(
         self,
         optimizer,
@@ -112,72 +129,106 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         inner = _checks.get_optimizer(optimizer)
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = inner
+        state = _state.State(_road_for_backend(), self._var_key, inner)
+        # Keras' own: its `iterations` and `learning_rate` variables, and on
+        # TensorFlow the distribution strategy the averages belong to.
+        state.own_variables = list(self._variables)
+        state.strategy = getattr(self, "_distribution_strategy", None)
+        self._ema_state = state
         self.trainable_weights_only = trainable_weights_only
         self.dynamic_decay = dynamic_decay
         self.start_step = start_step
         self.update_every = update_every
         self.average_dtype = average_dtype
         self.exclude = exclude
-        self._averaged = _averages.Averaged()
-        self._trained = False
         self.average_decay = average_decay
-        # Python's view of the swap state, kept by eager swaps and loads, so
-        # that `apply` can refuse to train on the averages without reading
-        # a device variable every step.
-        self._swapped_in = False
 
     # -- the decay ------------------------------------------------------------
 
     @property
     def average_decay(self):
         """The decay: a number, or the schedule given at construction."""
-        return self._average_decay
+        return self._ema_state.average_decay
 
     @average_decay.setter
     def average_decay(self, value):
-        _decay_variables.set_decay(self, value)
+        _decay_variables.set_decay(self._ema_state, value, self.add_variable)
 
     # -- creating averages ----------------------------------------------------
 
-    @tracking.no_automatic_dependency_tracking
     def build(self, var_list):
         # `strategy.run` calls `apply` in one thread per replica, one after
         # the other until a merge call: building without one (no assignment
         # of a mirrored variable here) lets the first build and the others
         # find it built.
-        if not self.built:
-            _creating.build(self, list(var_list), super().build)
+        if self.built:
+            return
+        state = self._ema_state
+        var_list = list(var_list)
+        # Created eagerly, also when `fit` builds the optimizer while tracing
+        # its step, so that values loaded before (a file read into an
+        # optimizer not built yet) can be restored right away.
+        with state.road.eager_scope():
+            state.step = self.add_variable(
+                shape=(), dtype="int", aggregation="only_first_replica",
+                name="average_step",
+            )
+            state.swapped = self.add_variable(
+                shape=(), dtype="int", aggregation="only_first_replica",
+                name="averages_swapped_in",
+            )
+            state.own_variables += [state.step, state.swapped]
+            self.inner_optimizer.build(var_list)
+        _decay_variables.create(state, self.add_variable)
+        super().build(var_list)
+        state.built_for = var_list
+        state.built = True
+        _slots.add_averages(
+            state, [v for v in var_list if _slots.should_average(state, v)],
+            self.add_variable,
+        )
+        model = state.bound_model()
+        if model is not None:
+            _slots.add_extra_averages(
+                state, model, self.add_variable, _layout.take_pending
+            )
+        _step.prepare(state)
 
     def shadow_copy(self, model):
-        """Creates the averages of a model's weights, if not done yet.
+        """Creates the averages of a model's weights, if not done yet, and
+        makes it the optimizer's model.
 
-        `model.fit` creates the averages of the trainable weights by itself.
-        Call this after `compile()` and before training to create them
-        explicitly, and, when `trainable_weights_only=False`, to also average
-        the model's non-trainable float variables (BatchNorm statistics),
-        which the optimizer does not see otherwise. A model that is not
-        built yet (a `Sequential` without `Input`) gets its averages when
-        its weights exist, in its first training step. After loading a file
-        saved with averages of non-trainable variables, call it once to
-        attach them. Calling it again is harmless.
+        `fit` creates the averages of the trainable weights by itself, and
+        the keras-ema callbacks call this with their `model`. Call it after
+        `compile()`, before training, to create them explicitly and, with
+        `trainable_weights_only=False`, to average the model's non-trainable
+        float variables (BatchNorm statistics) too; then also after loading
+        a file with such averages, to attach them. Knowing its model, the
+        optimizer makes a step refused while the averages are swapped in
+        move nothing, BatchNorm statistics included. A model not built yet
+        gets its averages in its first training step. Calling it again is
+        harmless; a model that trains other variables is refused.
 
         Args:
-            model: The `keras.Model` (or layer) whose weights to average.
+            model: The `keras.Model` (or layer) compiled with this optimizer.
         """
         _checks.check_model(model, "shadow_copy")
-        with _tf.strategy_scope(self):
-            _model.register_with(self, model)
+        state = self._ema_state
+        with state.road.strategy_scope(state):
+            _binding.bind(self, model)
             if not model.variables:
                 return
             if not self.built:
                 self.build(model.trainable_variables)
-            _creating.add_extra_averages(self, model)
-            _creating.start_averages(self)
+            _slots.add_extra_averages(
+                state, model, self.add_variable, _layout.take_pending
+            )
+            _step.prepare(state)
 
     @property
     def has_shadow_copy(self):
         """Whether averages exist (created by `build` or `shadow_copy`)."""
-        return bool(self._averaged.entries)
+        return bool(self._ema_state.entries)
 
     def average(self, variable):
         """Returns the average of `variable`, or `None` if it has none.
@@ -188,23 +239,25 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         `numpy()`, `dtype`, `shape` and `assign`, usable in Keras ops and
         `np.asarray`.
         """
-        _creating.start_averages(self)
-        i = self._averaged.index.get(self._var_key(variable))
-        return None if i is None else self._averaged.entries[i][1]
+        state = self._ema_state
+        _step.prepare(state)
+        i = state.index.get(state.var_key(variable))
+        return None if i is None else state.entries[i][1]
 
     @property
     def variables(self):
         # Own state, the inner optimizer's, then what `shadow_copy` added: a
         # freshly loaded optimizer, built from the trainable variables only,
         # matches the saved one up to that last group.
-        extra = self._averaged.extra
+        extra = self._ema_state.extra
         extra_ids = {id(v) for v in extra}
         own = [v for v in self._variables if id(v) not in extra_ids]
         return own + self.inner_optimizer.variables + extra
 
-    # -- training -------------------------------------------------------------
+    # -- training: the road of the backend ------------------------------------
 
     def apply(self, grads, trainable_variables=None):
+        state = self._ema_state
         if not self.built:
             if trainable_variables is None:
                 raise ValueError(
@@ -212,30 +265,29 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                     "is called without `trainable_variables`. Instead, pass "
                     "`trainable_variables` or call `build(variables)` first."
                 )
-            with _tf.strategy_scope(self):
+            with state.road.strategy_scope(state):
                 self.build(trainable_variables)
-        _stepping.apply(self, grads, trainable_variables)
+        chain = _state.averaging_chain(self)
+        state.road.apply(
+            [o._ema_state for o in chain], chain[-1].inner_optimizer, grads,
+            trainable_variables,
+            lambda variables: _binding.refuse_unknown(state, variables),
+        )
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        if keras.backend.backend() != "jax":
+        state = self._ema_state
+        if not state.road.stateless:
             return super().stateless_apply(
                 optimizer_variables, grads, trainable_variables
             )
-        from keras_ema import _jax
-
-        # Nothing may raise here: JAX's `fit` has already taken the state of
-        # the model and of this optimizer out of their variables, and an
-        # exception would lose it. A step for another model changes nothing
-        # and `fit` raises at its end (`finalize_variable_values`); a step
-        # on swapped-in averages refuses by itself.
-        foreign = _model.foreign_step(self, optimizer_variables, trainable_variables)
-        if foreign is not None:
-            return foreign
-        for averaging in _model.chain(self):
-            _saving.warn_pending(averaging)
-            averaging._trained = True
-        return _jax.stateless_apply(
-            self, optimizer_variables, grads, trainable_variables
+        chain = _state.averaging_chain(self)
+        for averaging in chain:
+            _layout.warn_pending(averaging._ema_state)
+            averaging._ema_state.trained = True
+        return state.road.stateless_apply(
+            [o._ema_state for o in chain], self.variables,
+            chain[-1].inner_optimizer, state.built_for,
+            optimizer_variables, grads, trainable_variables,
         )
 
     # -- swapping -------------------------------------------------------------
@@ -249,15 +301,14 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         complete. Prefer `averaged_weights()`, which swaps back for you.
         """
         self._check_ready("swap_weights")
-        _swapping.swap_weights(self)
+        # A step refused while the averages are in must find the guard.
+        _binding.guard_bound_model(self)
+        _swapping.swap_weights(self._ema_state)
 
     @property
     def averages_swapped_in(self):
         """Whether the model holds the averages right now (after a swap)."""
-        if not self.built:
-            return False
-        self._swapped_in = bool(ops.convert_to_numpy(self._swapped))
-        return self._swapped_in
+        return _swapping.swapped_in(self._ema_state)
 
     def averaged_weights(self):
         """Context manager: the averages are in the model inside the block.
@@ -292,22 +343,13 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             var_list: Variables, e.g. `model.variables`.
         """
         self._check_ready("assign_average_vars")
-        _swapping.assign_average_vars(self, var_list)
-
-    def _not_swapped_in(self, message=_SWAPPED_IN):
-        """Context for an update: it fails, before anything moves, while the
-        averages are swapped in."""
-        chain = _model.chain(self)
-        if any(averaging._swapped_in for averaging in chain):
-            raise ValueError(message)
-        if not self.built:
-            return contextlib.nullcontext()
-        return _tf.check_zero([a._swapped for a in chain], message)
+        _swapping.assign_average_vars(self._ema_state, var_list)
 
     def _check_ready(self, what):
-        _creating.start_averages(self)
-        _saving.check_no_pending(self, what)
-        if not self.has_shadow_copy:
+        state = self._ema_state
+        _step.prepare(state)
+        _layout.check_no_pending(state, what)
+        if not state.entries:
             raise ValueError(
                 f"`{what}` needs averages, but none exist yet. Instead, call "
                 "`optimizer.shadow_copy(model)` or train for a step first."
@@ -321,7 +363,8 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         Averaged BatchNorm statistics are used too. Nothing is swapped or
         copied, no variable is written (BatchNorm updates of a
         `training=True` call are dropped), and no gradient reaches the
-        averages or, through the teacher, the weights.
+        averages or, through the teacher, the weights. A model whose weights
+        this optimizer does not average (another model, a clone) is refused.
 
         Example:
 
@@ -332,7 +375,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
                 keras.ops.mean((y_pred - teacher) ** 2))
         ```
         """
-        return teacher.call_with_averages(self, model, *args, **kwargs)
+        return teacher.call_with_averages(self, model, args, kwargs)
 
     # -- forwarding to the inner optimizer ------------------------------------
 
@@ -353,9 +396,14 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         # `fit` calls this at its end with its model's weights, also on JAX,
-        # where its steps for another model changed nothing.
-        _model.check_no_foreign(self)
-        if keras.backend.backend() == "jax" and self._swapped_in:
+        # where steps it refused changed nothing.
+        state = self._ema_state
+        refused, state.refused = state.refused, None
+        if refused is not None:
+            # Named as the other backends name it, where `var_list` shows.
+            _binding.refuse_unknown(state, var_list)
+            raise ValueError(refused)
+        if state.road.stateless and state.swapped_in:
             warnings.warn(
                 "keras-ema: this `fit` changed nothing: the averages are "
                 "swapped into the model. Instead, call "
@@ -364,18 +412,20 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             )
         self.inner_optimizer.finalize_variable_values(var_list)
 
-    # -- saving (`_saving.py`) ------------------------------------------------
+    # -- saving (`_layout.py`) ------------------------------------------------
 
     def save_own_variables(self, store):
-        _creating.start_averages(self)
-        _saving.save(self, store)
+        _step.prepare(self._ema_state)
+        _layout.save(self._ema_state, store)
 
     def load_own_variables(self, store):
-        _saving.load(self, store)
+        _layout.load(self._ema_state, store)
 
     def get_config(self):
-        return _saving.get_config(self)
+        # Not the base optimizer's config: its arguments belong to the inner
+        # optimizer.
+        return _settings.get_config(self)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return _saving.from_config(cls, config, custom_objects)
+        return cls(**_settings.from_config(config, custom_objects))

@@ -5,10 +5,10 @@ import math
 import keras
 
 from keras_ema import _checks
-from keras_ema import _model
-from keras_ema import _saving
+from keras_ema import _state
 from keras_ema import schedules
 from keras_ema._atomic import SwappedIn
+from keras_ema._schedule_base import is_real
 from keras_ema.optimizer import ExponentialMovingAverage
 
 # The settings every profile shares (`_settings.Settings`, less the decay's).
@@ -117,7 +117,7 @@ class PostHocEMA(ExponentialMovingAverage):
     # would save twice, or recurse into, what a property returns.
     def _profiles(self):
         """The `ExponentialMovingAverage` of each `sigma_rel`, in order."""
-        return _model.chain(self)[: len(self._sigma_rels)]
+        return _state.averaging_chain(self)[: len(self._sigma_rels)]
 
     def _base_optimizer(self):
         """The optimizer that updates the weights (`optimizer`)."""
@@ -145,7 +145,7 @@ class PostHocEMA(ExponentialMovingAverage):
 
     def build(self, var_list):
         super().build(var_list)
-        model = _model.get(self._averaged)
+        model = self._ema_state.bound_model()
         if model is not None:
             self._share_model(model)
 
@@ -216,7 +216,7 @@ class PostHocEMA(ExponentialMovingAverage):
     # -- saving ---------------------------------------------------------------
 
     def get_config(self):
-        config = _saving.get_config(self)
+        config = ExponentialMovingAverage.get_config(self)
         del config["average_decay"], config["dynamic_decay"]
         config["optimizer"] = keras.saving.serialize_keras_object(
             self._base_optimizer()
@@ -247,7 +247,7 @@ def _check_sigma_rels(sigma_rels):
     try:
         values = tuple(float(s) for s in sigma_rels)
         valid = bool(values) and all(
-            schedules._is_real(s) for s in sigma_rels
+            is_real(s) for s in sigma_rels
         )
     except (TypeError, ValueError):
         valid = False

@@ -18,8 +18,9 @@ import warnings
 import keras
 import numpy as np
 
+from keras_ema import _binding
+from keras_ema._binding import find_in_model
 from keras_ema._files import atomic_path
-from keras_ema.optimizer import find_in_model
 
 _NAME = re.compile(r"^snapshot-(\d{10})\.npz$")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -90,6 +91,7 @@ class PostHocSnapshots(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         opt = self._optimizer()
+        opt.shadow_copy(self.model)
         os.makedirs(self.directory, exist_ok=True)
         step = _step(self.model, opt)
         for found, path in list_snapshots(self.directory):
@@ -120,9 +122,8 @@ class PostHocSnapshots(keras.callbacks.Callback):
 
 
 def _step(model, opt):
-    if keras.backend.backend() == "jax":
-        # JAX's `fit` keeps the state outside the variables between steps.
-        model.jax_state_sync()
+    # JAX's `fit` keeps the state outside the variables between steps.
+    _binding.sync_model(model)
     return int(keras.ops.convert_to_numpy(opt.iterations))
 
 

@@ -179,21 +179,26 @@ def test_restore_best_weights_restores_what_it_saw_in_every_sound_order(
 
 
 @pytest.mark.parametrize("case", sorted(_EARLY_STOPPING_ERRORS), ids=_case_id)
-def test_an_unsound_order_with_restore_best_weights_fails_before_training(
+def test_an_unsound_order_with_restore_best_weights_fails_at_the_first_validation(
     case
 ):
+    # The order shows only in the callback list that `fit` hands its
+    # validation (nothing reads stack frames): the first epoch trains, then
+    # the error comes before EarlyStopping has seen a single epoch.
     order, swap_on_epoch, end_with_averages = case
     model, opt = _compiled()
-    initial = _weights(model)
     swap = SwapAverageWeights(swap_on_epoch, end_with_averages)
     expected = _EARLY_STOPPING_ERRORS[case]
+    early = _early_stopping()
     with pytest.raises(ValueError, match=expected) as error:
-        _fit(model, _in_order(order, swap, [_early_stopping()]))
+        _fit(model, _in_order(order, swap, [early]))
     assert "Instead, place SwapAverageWeights" in str(error.value)
-    assert opt.iterations.numpy() == 0
+    assert early.best_weights is None
+    assert opt.iterations.numpy() == len(X) // FIT["batch_size"]
     assert not opt.averages_swapped_in
     assert "evaluate" not in vars(model)
-    _assert_same(_weights(model), initial)
+    _assert_same(_weights(model), _reference(1)[0])
+    _assert_same(_averages(model, opt), _reference(1)[1])
 
 
 # -- ModelCheckpoint and AverageModelCheckpoint -------------------------------

@@ -283,7 +283,7 @@ def test_averages_stay_when_an_outer_loss_scale_optimizer_skips_the_step():
     np.testing.assert_array_equal(_average(opt, w), [1.0])
     compiled_step(outer, [tensor([numpy(outer.dynamic_scale)])], [w])
     np.testing.assert_allclose(w.numpy(), [0.9], rtol=1e-6)
-    assert int(keras.ops.convert_to_numpy(opt._step)) == 1
+    assert int(keras.ops.convert_to_numpy(opt._ema_state.step)) == 1
 
 
 def test_gradient_accumulation_in_fit_moves_averages_once_per_k_batches():
@@ -292,7 +292,7 @@ def test_gradient_accumulation_in_fit_moves_averages_once_per_k_batches():
     opt = ExponentialMovingAverage(inner, average_decay=0.9)
     model.compile(optimizer=opt, loss="mse")
     model.fit(*regression_data(), batch_size=8, epochs=1, verbose=0)
-    assert int(keras.ops.convert_to_numpy(opt._step)) == 2  # 8 batches / 4
+    assert int(keras.ops.convert_to_numpy(opt._ema_state.step)) == 2  # 8 batches / 4
 
 
 def test_averages_are_taken_after_the_inner_optimizer_applies_constraints():

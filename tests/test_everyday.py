@@ -216,7 +216,7 @@ def test_plain_tf_variables_are_averaged_like_keras_variables(compiled):
 # -- save and load at any moment -----------------------------------------------
 
 
-def _fresh(trainable_weights_only=True):
+def _fresh(trainable_weights_only=True, told=True):
     model = keras.Sequential([
         keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
         keras.layers.BatchNormalization(), keras.layers.Dense(1),
@@ -226,6 +226,12 @@ def _fresh(trainable_weights_only=True):
         trainable_weights_only=trainable_weights_only,
     )
     model.compile(optimizer=opt, loss="mse")
+    # Told its model, the optimizer averages its BatchNorm statistics (if
+    # asked) and guards its train step: on JAX the guard's select may round
+    # the statistics by an ulp otherwise than an unguarded step, so the runs
+    # compared here are told alike.
+    if told or not trainable_weights_only:
+        opt.shadow_copy(model)
     return model, opt
 
 
@@ -281,7 +287,7 @@ def test_a_file_saved_at_any_moment_resumes_exactly(
         model.save_weights(path)
         loaded, _ = _fresh(trainable_weights_only)
         loaded.load_weights(path)
-    loaded_opt = keras_ema.optimizer.find_in_model(loaded, "test")
+    loaded_opt = loaded.optimizer
     loaded_opt.shadow_copy(loaded)  # builds an optimizer not built yet
     _assert_resumes_exactly(model, opt, loaded, loaded_opt, moment)
 
@@ -289,7 +295,7 @@ def test_a_file_saved_at_any_moment_resumes_exactly(
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_of_an_unbuilt_optimizer_trains_like_the_original(how):
     keras.utils.set_random_seed(2)
-    a, opt = _fresh()
+    a, opt = _fresh(told=False)
     b = keras.models.clone_model(a)
     b.set_weights(a.get_weights())
     copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(
@@ -351,6 +357,7 @@ def test_assign_average_vars_of_all_model_variables_skips_unaveraged_ones(
     opt = _opt(trainable_weights_only=trainable_weights_only,
                exclude=["dense_.*bias", "^dense/bias"])
     model.compile(optimizer=opt, loss="mse")
+    opt.shadow_copy(model)
     _train(model, 0)
     sync(model)
     before = {v.path: numpy(v) for v in model.variables}

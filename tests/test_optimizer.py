@@ -146,7 +146,7 @@ def test_fit_compiled_with_xla_builds_the_averages_inside_the_step():
     start = kernel.numpy()
     x, y = regression_data(8)
     model.fit(x, y, batch_size=8, verbose=0)  # one step, built inside it
-    assert int(opt._step.numpy()) == 1
+    assert int(opt._ema_state.step.numpy()) == 1
     assert not np.array_equal(start, kernel.numpy())
     np.testing.assert_allclose(
         _average(opt, kernel), (start + kernel.numpy()) / 2, rtol=1e-6
@@ -177,7 +177,7 @@ def test_averages_stay_when_an_inner_loss_scale_optimizer_skips_the_step():
     compiled_step(opt, [tensor([np.inf])], [w])
     np.testing.assert_array_equal(w.numpy(), [1.0])
     np.testing.assert_array_equal(_average(opt, w), [1.0])
-    assert int(keras.ops.convert_to_numpy(opt._step)) == 0
+    assert int(keras.ops.convert_to_numpy(opt._ema_state.step)) == 0
 
 
 # -- swapping ----------------------------------------------------------------
@@ -321,24 +321,33 @@ def test_model_weights_are_not_tracked_as_optimizer_variables():
     assert not model_ids & {id(v) for v in opt.variables}
 
 
-def test_shadow_copy_after_training_started_raises_instead_of_never_updating():
-    # A custom loop builds the optimizer from the trainable weights only.
+def test_a_step_without_its_model_refuses_to_leave_statistics_unaveraged():
+    # A custom loop builds the optimizer from the trainable weights only:
+    # without `shadow_copy(model)` it cannot know the BatchNorm statistics.
     model = small_model(batchnorm=True)
     model.build((None, 4))
     opt = ExponentialMovingAverage("sgd", trainable_weights_only=False)
     variables = model.trainable_variables
     opt.build(variables)
-    compiled_step(opt, [keras.ops.zeros(v.shape) for v in variables], variables)
-    with pytest.raises(ValueError, match="before the first `fit`"):
-        opt.shadow_copy(model)
+    before = [numpy(v) for v in variables]
+    with pytest.raises(ValueError, match=r"call `optimizer.shadow_copy\(model\)`"):
+        opt.apply([keras.ops.ones(v.shape) for v in variables], variables)
+    for v, value in zip(variables, before):
+        np.testing.assert_array_equal(numpy(v), value)
+    assert int(numpy(opt.iterations)) == 0
+    opt.shadow_copy(model)
+    opt.apply([keras.ops.ones(v.shape) for v in variables], variables)
+    assert opt.average(model.layers[1].moving_mean) is not None
 
 
-def test_fit_averages_the_batchnorm_statistics_without_shadow_copy():
+def test_fit_averages_the_batchnorm_statistics_of_the_model_it_is_told():
     model = small_model(batchnorm=True)
     opt = ExponentialMovingAverage("sgd", trainable_weights_only=False,
                                    average_decay=0.0, dynamic_decay=False)
     model.compile(optimizer=opt, loss="mse")
-    model.fit(*regression_data(), epochs=1, verbose=0)
+    # A keras-ema callback tells the optimizer its model (`shadow_copy`).
+    model.fit(*regression_data(), epochs=1, verbose=0,
+              callbacks=[keras_ema.SwapAverageWeights()])
     moving_mean = model.layers[1].moving_mean
     assert opt.average(moving_mean) is not None
     # Decay 0: each average follows its variable after every update (to
@@ -362,7 +371,7 @@ def test_fit_moves_averages_and_lr_scheduler_reaches_the_inner_optimizer():
     np.testing.assert_allclose(float(inner.learning_rate.numpy()), 0.25)
     assert opt.learning_rate is inner.learning_rate
     assert int(numpy(opt.iterations)) == 12
-    assert int(keras.ops.convert_to_numpy(opt._step)) == 12
+    assert int(keras.ops.convert_to_numpy(opt._ema_state.step)) == 12
     for weight in model.trainable_variables:
         assert not np.array_equal(_average(opt, weight), weight.numpy())
 
@@ -393,7 +402,7 @@ def test_mixed_float16_wraps_it_in_a_loss_scale_optimizer_and_averages_move():
     assert model.optimizer.inner_optimizer is opt
     kernel = model.trainable_variables[0]
     assert kernel.dtype == "float32"
-    assert int(keras.ops.convert_to_numpy(opt._step)) > 0
+    assert int(keras.ops.convert_to_numpy(opt._ema_state.step)) > 0
     assert not np.array_equal(_average(opt, kernel), kernel.numpy())
 
 
@@ -408,6 +417,7 @@ def test_mixed_float16_averages_batchnorm_statistics_in_fit():
     )
     model.compile(optimizer=opt, loss="mse")
     model.build((None, 4))
+    opt.shadow_copy(model)
     mean = model.layers[1].moving_mean
     history = [(0, mean.numpy().astype("float64"))]
 
@@ -453,7 +463,7 @@ def _assert_same_averages(model, opt, loaded, loaded_opt):
             np.testing.assert_array_equal(
                 bits(opt.average(v)), bits(loaded_opt.average(loaded_v))
             )
-    assert int(loaded_opt._step.numpy()) == int(opt._step.numpy())
+    assert int(loaded_opt._ema_state.step.numpy()) == int(opt._ema_state.step.numpy())
 
 
 def test_keras_file_round_trip_restores_averages_bit_for_bit(tmp_path):
@@ -473,9 +483,14 @@ def test_keras_file_restores_non_trainable_averages(tmp_path):
     model, opt = _trained(batchnorm=True, trainable_weights_only=False)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    # Loading builds the optimizer for the loaded model, BatchNorm included.
-    _assert_same_averages(model, opt, loaded, loaded.optimizer)
+    # Loading builds the optimizer from the trainable weights; the averages
+    # of BatchNorm statistics wait until the optimizer is told its model.
     bn = loaded.get_layer(index=1)
+    assert loaded.optimizer.average(bn.moving_mean) is None
+    with pytest.raises(ValueError, match=r"shadow_copy\(model\)"):
+        loaded.optimizer.swap_weights()
+    loaded.optimizer.shadow_copy(loaded)
+    _assert_same_averages(model, opt, loaded, loaded.optimizer)
     assert loaded.optimizer.average(bn.moving_mean) is not None
 
 
@@ -591,7 +606,7 @@ def test_a_compiled_step_traced_before_a_swap_still_refuses_to_train(size):
     assert int(opt.iterations.numpy()) == 1
     opt.swap_weights()
     step()
-    assert int(opt._step.numpy()) == 2
+    assert int(opt._ema_state.step.numpy()) == 2
 
 
 # Keras warns that the unbuilt inner optimizer skips loading; the wrapper

@@ -33,6 +33,8 @@ def _fit(opt, epochs, directory=None, every=25, batchnorm=False, model=None,
     if getattr(model, "optimizer", None) is None:
         model.compile(optimizer=opt, loss="mse")
     opt = model.optimizer
+    if not opt.trainable_weights_only:
+        opt.shadow_copy(model)  # the model whose statistics to average
     tracked = [v for v in model.variables if v.dtype == "float32"
                and (v.trainable or not opt.trainable_weights_only)]
     history = [[numpy(v).astype("float64") for v in tracked]]

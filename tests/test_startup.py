@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -135,3 +136,43 @@ def test_the_demo_and_the_command_line_print_no_start_up_notices(tmp_path):
     assert command.returncode == 2
     assert len(command.stderr.splitlines()) == 1, command.stderr
     assert command.stderr.startswith("python -m keras_ema export: error: ")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_importing_keras_ema_before_the_backend_leaves_fd_2_alone(tmp_path):
+    # While Keras (and TensorFlow with it) imports, fd 2 must be the
+    # process's standard error: a crash in that import must show. A meta
+    # path finder looks at fd 2 when `keras` is imported.
+    script = textwrap.dedent("""
+        import os, sys
+
+        before = os.fstat(2)
+        seen = []
+
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                if name == "keras" and not seen:
+                    now = os.fstat(2)
+                    seen.append((now.st_ino, now.st_dev) ==
+                                (before.st_ino, before.st_dev))
+                return None
+
+        sys.meta_path.insert(0, Spy())
+        import keras_ema
+        after = os.fstat(2)
+        assert "keras" in sys.modules
+        print(seen, (after.st_ino, after.st_dev) ==
+              (before.st_ino, before.st_dev))
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k != "KERAS_EMA_QUIET_START"}
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+            stderr=err, text=True, timeout=300, cwd=ROOT,
+        )
+    assert result.returncode == 0, stderr.read_text()
+    assert result.stdout.split() == ["[True]", "True"]

@@ -22,6 +22,7 @@ def _trained(batchnorm=True):
         trainable_weights_only=False,
     )
     model.compile(optimizer=opt, loss="mse")
+    opt.shadow_copy(model)
     model.fit(*regression_data(), batch_size=8, epochs=2, verbose=0)
     return model, opt
 

@@ -293,6 +293,7 @@ def test_swa_recomputes_the_statistics_of_the_averaged_weights():
         trainable_weights_only=False,
     )
     model.compile(optimizer=opt, loss="mse")
+    opt.shadow_copy(model)
     model.fit(X, Y, epochs=2, **FIT)
     dense, bn = model.layers[:2]
     raw = _states(model.variables)

@@ -18,7 +18,6 @@ import keras
 from keras import ops
 
 import keras_ema
-from keras_ema._model import find_in_model
 
 
 @keras.saving.register_keras_serializable(package="keras_ema_examples")
@@ -44,7 +43,10 @@ class MeanTeacher(keras.Model):
 
     def teacher(self, x):
         """The teacher's probabilities: the student with its averages."""
-        optimizer = find_in_model(self, "MeanTeacher")
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # Under mixed_float16, `compile` wraps the optimizer.
+            optimizer = optimizer.inner_optimizer
         return optimizer.call_with_averages(self, x, training=False)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
@@ -77,7 +79,7 @@ def build(steps, learning_rate=0.05, consistency=1.0, jit_compile="auto"):
     """A compiled `MeanTeacher` on the digits' CNN, teacher decay from 0.9
     to 0.999 over `steps` updates (BYOL rises from 0.996 to 1 over runs a
     hundred times longer)."""
-    from keras_ema import demo
+    from keras_ema import _digits as demo
 
     model = MeanTeacher(demo.build_model(), consistency=consistency)
     optimizer = keras_ema.ExponentialMovingAverage(
@@ -99,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    from keras_ema import demo
+    from keras_ema import _digits as demo
 
     demo.start(parser.prog)
     keras.utils.set_random_seed(0)

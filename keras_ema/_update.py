@@ -1,0 +1,164 @@
+"""The per-variable work: moving, swapping, starting and assigning averages.
+
+Each averaged model variable has an entry `(weight, average, backup)`. The
+average is float32 for float16/bfloat16 weights; such entries also keep a
+`backup` of the weight's dtype that holds the raw weight while the averages
+are swapped in, so that a swap never rounds the average. The functions
+`move`, `move_or_copy`, `swap`, `start` and `assign` take one entry's
+variables (per device under `tf.distribute`); `for_each` runs one of them
+for many entries through the backend's road, once per pack for packed
+averages (`_packing.py`).
+"""
+
+from keras import ops
+
+from keras_ema import _decay_variables
+from keras_ema import _packing
+
+
+def update_averages(state, moved, entries=None, joins=None):
+    """Counts a (possibly skipped) real update and moves the averages.
+
+    `joins` (a dict) shares the joined weights of a pack between the
+    averages of a chain (`PostHocEMA`'s profiles), which pack alike.
+    """
+    step = ops.add(state.step, ops.cast(moved, state.step.dtype))
+    state.step.assign(step)
+    if entries is None:
+        entries = state.entries
+    move_averages(state, entries, moved, step, joins)
+
+
+def move_averages(state, entries, moved, step, joins=None):
+    """Moves the averages of `entries` for real-update count `step`."""
+    since_start = ops.subtract(step, state.start_step)
+    n = ops.maximum(ops.subtract(since_start, 1), 0)
+    complement = _decay_variables.complement_at(state, n)
+    averaging = ops.logical_and(moved, ops.greater(since_start, 0))
+    if state.update_every > 1:
+        due = ops.equal(ops.mod(since_start, state.update_every), 0)
+        averaging = ops.logical_and(averaging, due)
+    # Branch-free: a step that must not move uses factor 0, which leaves
+    # the average bit-exact, with no conditional per variable. With
+    # `update_every`, most steps have nothing to do: where the road can,
+    # it skips the work under one conditional.
+    factor = ops.multiply(ops.cast(averaging, "float32"), complement)
+    fn, args, busy = move, (factor,), averaging
+    if state.start_step:
+        copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
+        fn, args = move_or_copy, (factor, copying)
+        busy = ops.logical_or(averaging, copying)
+    when = busy if state.update_every > 1 else None
+    for_each(state, entries, fn, *args, when=when, joins=joins)
+
+
+def for_each(state, entries, fn, *args, when=None, joins=None):
+    """Calls `fn(average, weight, backup, *args)` for each entry.
+
+    Given a boolean `when`, the road may skip the work where it is false
+    (TensorFlow under one conditional, torch by reading it); JAX ignores it
+    (XLA's conditional copies the buffers it passes through, which costs
+    more than the update it skips): `fn` and `args` must then be a no-op.
+    """
+    packs = []
+    if state.packs:
+        entries, packs = split_packed(entries)
+    state.road.for_each(state, entries, packs, fn, args, when, joins)
+
+
+def split_packed(entries):
+    """The unpacked entries, and `(pack, indices)` for the packed ones."""
+    unpacked, packs = [], {}
+    for entry in entries:
+        average = entry[1]
+        if isinstance(average, _packing.PackedAverage):
+            pack = average.pack
+            packs.setdefault(id(pack), (pack, []))[1].append(average.index)
+        else:
+            unpacked.append(entry)
+    return unpacked, list(packs.values())
+
+
+def run_packed(fn, pack, chosen, joins, buffer, weights, *args):
+    """`fn` for the entries of `pack` with indices in `chosen`, at once."""
+    if fn is assign:
+        _packing.assign(pack, buffer, weights, chosen)
+        return
+    # Moves and swaps get every average of the pack.
+    if fn is swap:
+        _packing.swap(pack, buffer, weights, args[1])
+        return
+    fn(buffer, pack.join_once(weights, joins), None, *args)
+
+
+def path(variable):
+    """A variable's `path`; a plain `tf.Variable` has its `name` only."""
+    return getattr(variable, "path", None) or variable.name
+
+
+def paths(variables):
+    """The paths of `variables`, for error messages."""
+    return ", ".join(path(v) for v in variables)
+
+
+def describe(variables, limit=3):
+    """The first paths of `variables`, for error messages."""
+    variables = list(variables)
+    more = ", ..." if len(variables) > limit else ""
+    return paths(variables[:limit]) + more
+
+
+def move(average, weight, backup, factor):
+    """`average -= factor * (average - weight)`, in the average's dtype."""
+    delta = ops.subtract(average, ops.cast(weight, average.dtype))
+    average.assign_sub(ops.multiply(ops.cast(factor, average.dtype), delta))
+
+
+def move_or_copy(average, weight, backup, factor, copying):
+    """`move`, or a real copy of the weight where `copying` is true."""
+    # `a - 1 * (a - w)` is not always `w`, so a copy is a real assignment.
+    weight = ops.cast(weight, average.dtype)
+    delta = ops.subtract(average, weight)
+    moved = ops.subtract(
+        average, ops.multiply(ops.cast(factor, average.dtype), delta)
+    )
+    average.assign(ops.where(copying, weight, moved))
+
+
+def swap(average, weight, backup, swapped_in, is_lost):
+    """Exchanges weight and average exactly; `swapped_in` is the state before.
+
+    Never `a += b; b = a - b; a -= b`: that arithmetic loses bits. An
+    explicit copy, because on torch a same-dtype cast aliases storage.
+    `is_lost(weight)`: whether a failed JAX step consumed the weight's
+    buffer (the road's `is_lost`).
+    """
+    raw = weight
+    if is_lost(weight):
+        # A compiled JAX step that failed consumed the buffer of the average
+        # swapped into the model: that average is lost, and restarts from
+        # the raw weight, which waits in the slot.
+        raw = average if backup is None else backup
+    raw = ops.copy(raw)
+    if backup is None:
+        weight.assign(average)
+        average.assign(raw)
+        return
+    # Casting the float32 average into the weight would round it: the average
+    # stays, and the raw weight waits in `backup` until the swap back.
+    going_in = ops.equal(swapped_in, 0)
+    held = ops.convert_to_tensor(backup)
+    weight.assign(ops.where(going_in, ops.cast(average, weight.dtype), held))
+    backup.assign(ops.where(going_in, raw, held))
+
+
+def start(average, weight, backup):
+    """Sets the average to the weight: where every average starts."""
+    average.assign(ops.copy(ops.cast(weight, average.dtype)))
+
+
+def assign(average, weight, backup):
+    """Overwrites the weight with its average."""
+    # A copy: on JAX a same-dtype cast is the same array, and two variables
+    # sharing a buffer break the trainer's buffer donation.
+    weight.assign(ops.copy(ops.cast(average, weight.dtype)))
