@@ -91,25 +91,6 @@ def other_model_error(optimizer, model, known=None, detail=""):
     )
 
 
-def refuse_unknown(state, variables):
-    """Raises, naming them, if `variables` are not the ones the optimizer
-    of `state` was built with."""
-    known = {state.var_key(v) for v in state.built_for}
-    unknown = [v for v in variables if state.var_key(v) not in known]
-    if unknown:
-        model = state.bound_model()
-        raise ValueError(
-            "ExponentialMovingAverage does not support training variables "
-            f"it was not built with: {_update.describe(unknown)}"
-            + (f" (it averages the weights of {model.name!r})"
-               if model is not None else "")
-            + ". Instead, compile each model with its own optimizer, e.g. "
-            "`keras_ema.ExponentialMovingAverage.from_config("
-            "opt.get_config())`, or call `optimizer.shadow_copy(model)` "
-            "with the model you train before its first step."
-        )
-
-
 def find_in_model(model, user):
     """The model's `ExponentialMovingAverage`, also when it is wrapped.
 

@@ -52,10 +52,10 @@ class Road:
 
     # -- a training step ------------------------------------------------------
 
-    def apply(self, states, base, grads, trainable_variables, refuse):
+    def apply(self, states, base, grads, trainable_variables):
         """One step of the chain of averages `states` (outermost first) over
-        the optimizer `base`; `refuse(variables)` raises for unknown ones."""
-        _step.apply(self, states, base, grads, trainable_variables, refuse)
+        the optimizer `base`."""
+        _step.apply(self, states, base, grads, trainable_variables)
 
     def gate(self, flags, message, values, never=None):
         """`values`, released once every swap flag in `flags` is checked 0:

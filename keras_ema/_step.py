@@ -40,6 +40,25 @@ NO_MODEL = (
 )
 
 
+def refuse_unknown(state, variables):
+    """Raises, naming them, if `variables` are not the ones the optimizer
+    of `state` was built with."""
+    known = {state.var_key(v) for v in state.built_for}
+    unknown = [v for v in variables if state.var_key(v) not in known]
+    if unknown:
+        model = state.bound_model()
+        raise ValueError(
+            "ExponentialMovingAverage does not support training variables "
+            f"it was not built with: {_update.describe(unknown)}"
+            + (f" (it averages the weights of {model.name!r})"
+               if model is not None else "")
+            + ". Instead, compile each model with its own optimizer, e.g. "
+            "`keras_ema.ExponentialMovingAverage.from_config("
+            "opt.get_config())`, or call `optimizer.shadow_copy(model)` "
+            "with the model you train before its first step."
+        )
+
+
 def prepare(state):
     """Starts the averages whose weights have a value now, then loads the
     values a file gave before the optimizer was built."""
@@ -54,7 +73,7 @@ def refuse_if_swapped_in(states, message=SWAPPED_IN):
         raise ValueError(message)
 
 
-def apply(road, states, base, grads, trainable_variables, refuse):
+def apply(road, states, base, grads, trainable_variables):
     """`optimizer.apply(grads, trainable_variables)`, once it is built."""
     for state in states:
         prepare(state)
@@ -84,7 +103,7 @@ def apply(road, states, base, grads, trainable_variables, refuse):
         # moved; ours names them and the model. Only here: it costs a
         # lookup per variable, every step on torch.
         if trainable_variables is not None:
-            refuse(trainable_variables)
+            refuse_unknown(states[0], trainable_variables)
         raise
     moved = ops.not_equal(base.iterations, before)
     joins = _packing.Joins(road.graph_key)

@@ -271,7 +271,6 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         state.road.apply(
             [o._ema_state for o in chain], chain[-1].inner_optimizer, grads,
             trainable_variables,
-            lambda variables: _binding.refuse_unknown(state, variables),
         )
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
@@ -401,7 +400,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         refused, state.refused = state.refused, None
         if refused is not None:
             # Named as the other backends name it, where `var_list` shows.
-            _binding.refuse_unknown(state, var_list)
+            _step.refuse_unknown(state, var_list)
             raise ValueError(refused)
         if state.road.stateless and state.swapped_in:
             warnings.warn(
