@@ -86,7 +86,11 @@ def load(state, store):
 
 def restore_deferred(state):
     """Loads the values read before the optimizer was built, its inner
-    optimizer's too, once their variables have values."""
+    optimizer's too, once their variables have values; checks the layout
+    of a checkpoint restored before the averages existed."""
+    if state.checkpoint_layout is not None and not state.todo:
+        with state.road.eager_scope():
+            check_checkpoint(state)
     inner, state.deferred_inner = state.deferred_inner, None
     deferred, state.deferred = state.deferred, None
     with state.road.eager_scope():
@@ -194,6 +198,24 @@ def _restore(state, layout, values):
         _assign_own(own, own_values)
         _update.for_each(state, state.entries, _update.start)
         return
+    saved, saved_extra, mine_extra = _check(state, layout, current_layout)
+    slots = current[len(own):]
+    main_values = values[: len(saved)]
+    extra_values = values[len(saved):]
+    _assign_own(own, own_values)
+    _packing.assign_all(slots[: len(saved)], main_values)
+    if mine_extra:
+        _packing.assign_all(slots[len(saved):], extra_values)
+    elif saved_extra:
+        state.pending = (saved_extra, extra_values)
+    state.swapped_in = bool(ops.convert_to_numpy(state.swapped))
+    _decay_variables.sync_from_variables(state)
+
+
+def _check(state, layout, current_layout):
+    """Raises, naming them, unless the saved averages belong to the same
+    variables as this optimizer's; returns the saved entries, the saved
+    ones of non-trainable variables, and this optimizer's of those."""
     saved = [e for e in layout["averages"] if not e["extra"]]
     saved_extra = [e for e in layout["averages"] if e["extra"]]
     mine = [e for e in current_layout["averages"] if not e["extra"]]
@@ -210,17 +232,50 @@ def _restore(state, layout, values):
     if mine_extra:
         _compare(layout, current_layout, saved_extra, mine_extra,
                  _non_trainable(state))
-    slots = current[len(own):]
-    main_values = values[: len(saved)]
-    extra_values = values[len(saved):]
-    _assign_own(own, own_values)
-    _packing.assign_all(slots[: len(saved)], main_values)
-    if mine_extra:
-        _packing.assign_all(slots[len(saved):], extra_values)
-    elif saved_extra:
-        state.pending = (saved_extra, extra_values)
-    state.swapped_in = bool(ops.convert_to_numpy(state.swapped))
-    _decay_variables.sync_from_variables(state)
+    return saved, saved_extra, mine_extra
+
+
+# -- tf.train.Checkpoint ------------------------------------------------------
+# A checkpoint holds the optimizer's variables by their place in its
+# variable list, and the layout beside them (`_tf.CheckpointLayout`).
+# TensorFlow restores that Python state before it writes any variable.
+
+
+def layout_of(state):
+    """The layout of the averages of `state`, as a file holds it."""
+    return _saved(state)[1]
+
+
+def hold_checkpoint_layout(state, layout):
+    """Takes the layout a checkpoint restores: a built optimizer checks it
+    now, before the checkpoint writes any variable; one not built yet, once
+    it created the averages that take the checkpoint's values."""
+    if not layout["built"]:
+        return
+    state.checkpoint_layout = layout
+    if state.built and not state.todo:
+        check_checkpoint(state, written=False)
+
+
+def check_checkpoint(state, written=True):
+    """Raises if the held checkpoint layout is not this optimizer's. With
+    `written`, TensorFlow already wrote the checkpoint's values into the
+    averages as it created them: they start from the weights instead, as
+    if nothing was loaded."""
+    layout = state.checkpoint_layout
+    if layout is None:
+        return
+    try:
+        _, saved_extra, mine_extra = _check(state, layout, layout_of(state))
+    except ValueError:
+        state.checkpoint_layout = None
+        if written:
+            _update.for_each(state, state.entries, _update.start)
+        raise
+    if mine_extra or not saved_extra:
+        # Else the averages of non-trainable variables are checked once
+        # `shadow_copy` created them.
+        state.checkpoint_layout = None
 
 
 def _assign_own(own, values):

@@ -46,6 +46,12 @@ class Road:
         """Creates the variables of the block where `variable` lives."""
         return contextlib.nullcontext()
 
+    def checkpoint_layout(self, state):
+        """What a backend's own checkpoint (`tf.train.Checkpoint`) saves to
+        say which variables have averages: an object tracked as an
+        attribute of the optimizer, or None."""
+        return None
+
     def graph_key(self):
         """What tells apart the graphs a join may be used in (`_packing`)."""
         return None

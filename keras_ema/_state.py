@@ -87,10 +87,12 @@ class State:
         # Loading (`_layout.py`): saved values read before the optimizer was
         # built (`deferred`), its inner optimizer's (`deferred_inner`), and
         # the saved averages of non-trainable variables that wait for
-        # `shadow_copy` to name them (`pending`).
+        # `shadow_copy` to name them (`pending`); the layout of a
+        # `tf.train.Checkpoint` restored before the averages it fills existed.
         self.deferred = None
         self.deferred_inner = None
         self.pending = None
+        self.checkpoint_layout = None
 
     def bound_model(self):
         """The model this optimizer was told about, if it is still alive."""

@@ -11,10 +11,12 @@ in-place kernel per average, small averages packed (`_packing.py`).
 
 import contextlib
 import functools
+import json
 
 import keras
 import tensorflow as tf
 
+from keras_ema import _layout
 from keras_ema import _packing
 from keras_ema import _road
 from keras_ema import _step
@@ -49,6 +51,9 @@ class TensorFlowRoad(_road.Road):
         return state.strategy.extended.colocate_vars_with(
             _tf_variable(variable)
         )
+
+    def checkpoint_layout(self, state):
+        return CheckpointLayout(state)
 
     def graph_key(self):
         return id(tf.compat.v1.get_default_graph())
@@ -239,3 +244,25 @@ def _assert_zero(flags, message):
     return tf.debugging.assert_equal(
         value, tf.zeros_like(value), message=message
     )
+
+
+class CheckpointLayout(tf.train.experimental.PythonState):
+    """The layout of the averages in a `tf.train.Checkpoint`.
+
+    A checkpoint finds each optimizer variable by its place in the variable
+    list, whichever variable's average it holds; this entry says which, as
+    the layout of a Keras file does (`_layout.py`). TensorFlow restores
+    Python state before any variable, so a layout that is not this
+    optimizer's is refused before the checkpoint writes a value.
+    """
+
+    def __init__(self, state):
+        self._state = state
+
+    def serialize(self):
+        return json.dumps(_layout.layout_of(self._state))
+
+    def deserialize(self, string_value):
+        if hasattr(string_value, "numpy"):
+            string_value = string_value.numpy()
+        _layout.hold_checkpoint_layout(self._state, json.loads(string_value))

@@ -135,6 +135,10 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         state.own_variables = list(self._variables)
         state.strategy = getattr(self, "_distribution_strategy", None)
         self._ema_state = state
+        layout = state.road.checkpoint_layout(state)
+        if layout is not None:
+            # Tracked as an attribute: a `tf.train.Checkpoint` saves it.
+            self._ema_checkpoint_layout = layout
         self.trainable_weights_only = trainable_weights_only
         self.dynamic_decay = dynamic_decay
         self.start_step = start_step

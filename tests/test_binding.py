@@ -8,7 +8,15 @@ import weakref
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND, bits, numpy, regression_data, small_model, sync
+from conftest import (
+    BACKEND,
+    bits,
+    numpy,
+    regression_data,
+    small_model,
+    sync,
+    tensorflow_only,
+)
 
 from keras_ema import ExponentialMovingAverage, SwapAverageWeights
 
@@ -301,3 +309,76 @@ def test_a_file_loads_into_a_second_instance_with_other_layer_names(
                 if second_opt.average(v) is not None),
         saved_averages,
     )
+
+
+@tensorflow_only
+def test_a_tf_checkpoint_whose_averages_belong_to_other_variables_is_refused(
+    tmp_path,
+):
+    # Today's main restored layer_a's average into layer_b's slot.
+    import tensorflow as tf
+
+    model, opt = _two_layers(exclude=["layer_b"])
+    model.fit(X, np.tile(Y, (1, 4)), **FIT)
+    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
+        str(tmp_path / "c")
+    )
+    other, other_opt = _two_layers(exclude=["layer_a"])
+    other.fit(X, np.tile(Y, (1, 4)), **FIT)
+    # Refused before TensorFlow writes any variable: the model's either.
+    before = _values(other.variables) + _values(other_opt.variables)
+    with pytest.raises(ValueError) as error:
+        tf.train.Checkpoint(model=other, optimizer=other_opt).restore(prefix)
+    message = str(error.value)
+    assert "layer_a/kernel" in message and "layer_b/kernel" in message
+    assert "exclude=['layer_b']" in message
+    _assert_same(_values(other.variables) + _values(other_opt.variables),
+                 before)
+
+
+@tensorflow_only
+def test_a_tf_checkpoint_restored_before_build_is_checked_once_built(
+    tmp_path,
+):
+    import tensorflow as tf
+
+    model, opt = _two_layers(exclude=["layer_b"])
+    model.fit(X, np.tile(Y, (1, 4)), **FIT)
+    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
+        str(tmp_path / "c")
+    )
+    other, other_opt = _two_layers(exclude=["layer_a"])
+    tf.train.Checkpoint(model=other, optimizer=other_opt).restore(prefix)
+    weights = _values(other.trainable_variables)
+    # TensorFlow writes the values as `build` creates the averages: they
+    # start from the weights again, and the build raises.
+    with pytest.raises(ValueError, match="layer_a/kernel"):
+        other_opt.build(other.trainable_variables)
+    for v, w in zip(other.trainable_variables, weights):
+        average = other_opt.average(v)
+        if average is not None:
+            np.testing.assert_array_equal(bits(average), w)
+
+
+@tensorflow_only
+@pytest.mark.parametrize("built", [True, False])
+def test_a_tf_checkpoint_restores_into_a_second_instance(tmp_path, built):
+    import tensorflow as tf
+
+    model, opt = _two_layers(exclude=["layer_b"])
+    model.fit(X, np.tile(Y, (1, 4)), **FIT)
+    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
+        str(tmp_path / "c")
+    )
+    other, other_opt = _two_layers(exclude=["layer_b"])
+    if built:
+        other_opt.build(other.trainable_variables)
+    tf.train.Checkpoint(model=other, optimizer=other_opt).restore(prefix)
+    other_opt.build(other.trainable_variables)
+    for v, w in zip(other.trainable_variables, model.trainable_variables):
+        np.testing.assert_array_equal(bits(v), bits(w))
+        if opt.average(w) is None:
+            assert other_opt.average(v) is None
+        else:
+            np.testing.assert_array_equal(bits(other_opt.average(v)),
+                                          bits(opt.average(w)))
