@@ -3,6 +3,7 @@ whatever is swapped in, whatever the optimizer did before, whatever
 `steps_per_execution` or `BackupAndRestore` do, and with clear errors for a
 folder that is not one run's series."""
 
+import json
 import os
 import shutil
 import warnings
@@ -424,3 +425,28 @@ def test_a_width_far_from_the_tracked_ones_warns_with_the_fit_residual(
         for near in (0.05, 0.07, 0.10, 0.15):
             keras_ema.synthesize(directory, model, near)
     assert not [w for w in caught if "residual" in str(w.message)]
+
+
+def test_format_1_snapshots_still_synthesize(tmp_path):
+    directory = str(tmp_path / "s")
+    model, _ = _trained_series(directory, every=4)
+    raw = [numpy(v) for v in model.variables]
+    keras_ema.synthesize(directory, model, 0.07)
+    want = [numpy(v) for v in model.variables]
+    for v, value in zip(model.variables, raw):
+        v.assign(value)
+    # Format 1, as keras-ema 0.3.0 wrote it: no series identity. Half the
+    # files are rewritten, so the folder mixes both formats.
+    for _, path in snapshots.list_snapshots(directory)[::2]:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = snapshots.read_meta(path)
+        del meta["run"]
+        meta["format"] = 1
+        arrays["meta"] = np.frombuffer(
+            json.dumps(meta).encode(), "uint8")
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    keras_ema.synthesize(directory, model, 0.07)
+    for v, w in zip(model.variables, want):
+        np.testing.assert_array_equal(numpy(v), w)
