@@ -61,7 +61,9 @@ def sigma_rel_to_gamma(sigma_rel):
     """
     s = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
-    return float(roots.real[np.abs(roots.imag) < 1e-9].max())
+    # Widths between sqrt(1/12) (gamma = 0) and the documented bound 0.2887,
+    # its rounding, are the plain mean: their root is slightly negative.
+    return max(float(roots.real[np.abs(roots.imag) < 1e-9].max()), 0.0)
 
 
 def gamma_to_sigma_rel(gamma):
@@ -70,8 +72,9 @@ def gamma_to_sigma_rel(gamma):
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
-# The widest power-function EMA, gamma = 0: the plain mean.
-_MAX_SIGMA_REL = gamma_to_sigma_rel(0.0)
+# The widest power-function EMA is gamma = 0, the plain mean, of width
+# sqrt(1/12) = 0.28868; the bound accepted is the documented 0.2887.
+_MAX_SIGMA_REL = 0.2887
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")

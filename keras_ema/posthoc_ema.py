@@ -3,6 +3,8 @@
 import math
 
 import keras
+import numpy as np
+from keras import ops
 
 from keras_ema import _checks
 from keras_ema import _state
@@ -229,6 +231,32 @@ def profile_sigma(optimizer, profile):
     return optimizer.sigma_rels[optimizer._profiles().index(profile)]
 
 
+def updates_seen(optimizer):
+    """The real updates `optimizer`'s profiles have averaged over (they count
+    together): not the inner optimizer's `iterations`, which also counts the
+    updates it made before it was wrapped."""
+    state = optimizer._ema_state
+    return 0 if state.step is None else int(ops.convert_to_numpy(state.step))
+
+
+def held_averages(optimizer, variable):
+    """The average of `variable` of each profile, whatever is swapped in.
+
+    While a profile is swapped in, the model variable holds its average and
+    the profile's slot the raw weight; a float32 average of a low-precision
+    weight stays in its slot (the raw weight waits in a backup).
+    """
+    values = []
+    for profile in optimizer._profiles():
+        state = profile._ema_state
+        average = ExponentialMovingAverage.average(profile, variable)
+        backup = state.entries[state.index[state.var_key(variable)]][2]
+        swapped = ExponentialMovingAverage.averages_swapped_in.fget(profile)
+        values.append(np.asarray(
+            variable if swapped and backup is None else average))
+    return values
+
+
 class _OneProfile:
     """What `SwappedIn` needs of one profile: its own swap state."""
 
@@ -246,14 +274,14 @@ class _OneProfile:
 def _check_sigma_rels(sigma_rels):
     try:
         values = tuple(float(s) for s in sigma_rels)
-        valid = bool(values) and all(
-            is_real(s) for s in sigma_rels
+        valid = (
+            bool(values) and all(is_real(s) for s in sigma_rels)
+            and len(set(values)) == len(values)
         )
+        for s in values if valid else ():
+            schedules.Power(sigma_rel=s)  # the one home of the bounds
     except (TypeError, ValueError):
         valid = False
-    valid = valid and len(set(values)) == len(values) and all(
-        0.0 < s <= schedules.gamma_to_sigma_rel(0.0) for s in values
-    )
     if not valid:
         raise ValueError(
             "PostHocEMA requires `sigma_rels` to be a non-empty sequence of "

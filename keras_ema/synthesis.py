@@ -10,11 +10,17 @@ profiles in closed form, so the coefficients come from a small linear
 system, and the average from one streamed pass over the snapshot files.
 """
 
+import warnings
+
 import numpy as np
 
 from keras_ema import _atomic
 from keras_ema import schedules
 from keras_ema import snapshots as _snapshots
+
+# The relative residual above which `synthesize` warns that the fit is poor
+# (see its docstring for the measurement behind it).
+_POOR_FIT = 0.2
 
 
 def profile_products(t_a, gamma_a, t_b, gamma_b):
@@ -40,6 +46,21 @@ def solve_coefficients(in_t, in_sigma_rel, out_t, out_sigma_rel):
     return x / np.sum(x)
 
 
+def fit_residual(in_t, in_sigma_rel, out_t, out_sigma_rel, coefficients):
+    """How far the combination of the snapshot profiles with `coefficients`
+    is from the profile `(out_t, out_sigma_rel)`: the L2 norm of their
+    difference relative to the norm of the target profile (0: exact)."""
+    gamma = np.float64([schedules.sigma_rel_to_gamma(s) for s in in_sigma_rel])
+    t = np.float64(in_t)
+    out_t = np.float64(out_t)
+    out_gamma = schedules.sigma_rel_to_gamma(out_sigma_rel)
+    x = np.float64(coefficients)
+    a = profile_products(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
+    b = profile_products(t, gamma, out_t, out_gamma)
+    c = profile_products(out_t, out_gamma, out_t, out_gamma)
+    return float(np.sqrt(max(c - 2 * x @ b + x @ a @ x, 0.0) / c))
+
+
 def synthesize(directory, model, sigma_rel, step=None):
     """Writes the post-hoc EMA of `sigma_rel` into `model`, from snapshots.
 
@@ -51,6 +72,16 @@ def synthesize(directory, model, sigma_rel, step=None):
     left alone. For a tracked `sigma_rel` at a snapshot's step the result is
     that snapshot. The snapshots are read one at a time: memory holds the
     model and one float64 sum of it, whatever their number.
+
+    The folder is checked first: a file named like a snapshot that is not
+    one (corrupt, truncated, foreign), or snapshots of another model, of
+    other widths or of another training run get an error naming the file.
+    A width the snapshots cannot fit well, far outside the tracked ones,
+    gets a warning with the fit's relative residual (the norm of the
+    difference between the fitted and the requested profile, relative to
+    the requested profile's): above 0.2, the synthesized weights were off
+    by 15% or more of the average's distance to the raw weights in a
+    simulation, at or below it by 7% or less.
 
     The model's variables are matched by `path`, or, for a model rebuilt in
     another session (whose layer names differ), by their position in
@@ -95,6 +126,7 @@ def synthesize(directory, model, sigma_rel, step=None):
             f"the snapshot steps, {_describe(steps)}."
         )
     used = [(s, p, _snapshots.read_meta(p)) for s, p in found if s <= step]
+    _snapshots.check_series(used, directory)
     out_t = used[-1][2]["t"]
     # Two snapshots with the same `t` (no averaging update between them)
     # hold the same averages: the later one stands for both.
@@ -109,25 +141,26 @@ def synthesize(directory, model, sigma_rel, step=None):
             f"synthesize cannot build an average at step {step}: no "
             "averaging update came before it. Instead, pass a later step."
         )
-    x = solve_coefficients(
-        [t for _, _, t, _ in inputs], [s for *_, s in inputs], out_t, sigma_rel
-    )
-    variables = _match(model, used[-1][2]["variables"])
+    in_t, in_sigma = [t for _, _, t, _ in inputs], [s for *_, s in inputs]
+    x = solve_coefficients(in_t, in_sigma, out_t, sigma_rel)
+    residual = fit_residual(in_t, in_sigma, out_t, sigma_rel, x)
+    if residual > _POOR_FIT:
+        warnings.warn(
+            f"keras-ema: the snapshots fit the average of sigma_rel="
+            f"{sigma_rel} poorly (relative residual {residual:.2f}, above "
+            f"{_POOR_FIT}): the synthesis may be far from that average. "
+            f"They track sigma_rels={used[-1][2]['sigma_rels']}, "
+            f"{len(latest)} times. Instead, synthesize widths nearer those, "
+            "or track a width near this one, with more snapshots."
+        )
+    variables = _match(model, used[-1][2]["variables"], used[-1][1])
     totals = [np.zeros(v.shape, "float64") for v in variables]
     by_file = {}
     for (i, j, _, _), c in zip(inputs, x):
         by_file.setdefault(i, []).append((j, c))
     for i, terms in by_file.items():
         _, path, meta = used[i]
-        if [e["shape"] for e in meta["variables"]] != [
-            list(v.shape) for v in variables
-        ]:
-            raise ValueError(
-                f"synthesize does not support snapshots of different models: "
-                f"{path} holds other variables than the last snapshot. "
-                "Instead, keep one training run's snapshots per directory."
-            )
-        with np.load(path, allow_pickle=False) as data:
+        with _snapshots.reading(path), np.load(path, allow_pickle=False) as data:
             for k in range(len(variables)):
                 for j, c in terms:
                     totals[k] += c * _snapshots.read_average(data, meta, j, k)
@@ -140,8 +173,8 @@ def synthesize(directory, model, sigma_rel, step=None):
     ]
 
 
-def _match(model, entries):
-    """The model's variables for the snapshot's entries."""
+def _match(model, entries, path):
+    """The model's variables for the entries of the snapshot `path`."""
     variables = model.variables
     by_path = {v.path: v for v in variables}
     if all(e["path"] in by_path for e in entries):
@@ -155,9 +188,9 @@ def _match(model, entries):
     ]:
         raise ValueError(
             "synthesize does not support a model whose variables differ from "
-            f"the snapshots' ({len(entries)} averaged variables, the first "
-            f"{entries[0]['path']} {tuple(entries[0]['shape'])}). Instead, "
-            "pass a model of the architecture that was trained."
+            f"the snapshots' ({path}: {len(entries)} averaged variables, the "
+            f"first {entries[0]['path']} {tuple(entries[0]['shape'])}). "
+            "Instead, pass a model of the architecture that was trained."
         )
     return chosen
 
