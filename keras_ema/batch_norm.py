@@ -41,19 +41,15 @@ def update_bn(model, data, steps=None, batch_size=32):
     Args:
         model: A built `keras.Model` (or layer) with `BatchNormalization`
             layers.
-        data: The inputs, in any form the model's `fit` takes as `x`. A
-            NumPy array or backend tensor, or for a model with several
-            inputs a dict or a list of them, which is cut into batches of
-            `batch_size`; a tuple `(x,)`, `(x, y)` or
-            `(x, y, sample_weight)` of those (only `x` is used); or a
-            `tf.data.Dataset`, a `keras.utils.PyDataset` or any other
-            iterable of batches (a generator, a
-            `torch.utils.data.DataLoader`, a list of batches), each batch
-            read as `fit` reads one: the inputs `x`, or a tuple (or list)
-            `(x, y)` or `(x, y, sample_weight)`. A list of arrays is one
-            array per input for a functional model with several inputs,
-            and a list of batches otherwise: for a subclassed model with
-            several inputs, pass `(x,)` with `x` a list, or a dict.
+        data: The inputs, in any form the model's `fit` takes: arrays
+            (a dict or list of them for several inputs), cut into batches
+            of `batch_size`, or `(x,)`, `(x, y)`, `(x, y, sample_weight)` of
+            those (only `x` is used); or a `tf.data.Dataset`, a
+            `keras.utils.PyDataset` or another iterable of batches (a
+            generator, a `torch.utils.data.DataLoader`, a list), each
+            batch read as `fit` reads one. A list of arrays is one per
+            input for a functional model with several inputs, else a list
+            of batches: for a subclassed model, pass `(x,)` or a dict.
         steps: The most batches to use, or `None` (default) for all of
             `data`. Required for an infinite dataset.
         batch_size: Int, the batch size when `data` holds arrays. Ignored
@@ -325,7 +321,7 @@ def _batches(data, batch_size, inputs=None):
         # a model of one input, or when the count is not known (a subclassed
         # model), a list holds batches.
         inputs is not None and inputs > 1 and isinstance(data, list)
-        and len(data) == inputs and _is_arrays(data, list)
+        and len(data) == inputs and all(_is_array(item) for item in data)
     ):
         return _slices(data, batch_size)
     if isinstance(data, tuple):

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 
 from keras_ema import _atomic
+from keras_ema import batch_norm
 from keras_ema import synthesis
 
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
@@ -85,7 +86,8 @@ def sweep_sigma_rel(
         batch_size: Passed to `evaluate`.
         update_bn_data: Data for `keras_ema.update_bn`, run on each
             synthesized average before it is evaluated (for BatchNorm
-            statistics that were not averaged).
+            statistics that were not averaged), in any form it takes but
+            an iterator, which the first pass would use up.
         keep_best: If `True`, `model` ends holding the best average.
         plot: A file path for the plot (e.g. `"sweep.png"`), or `True` to
             only return the figure. Needs matplotlib.
@@ -110,6 +112,8 @@ def sweep_sigma_rel(
             "pass e.g. sigma_rels=[0.05, 0.07, 0.10, 0.15]."
         )
     _check_validation_data(validation_data)
+    # Each width makes a pass over it.
+    batch_norm.check_options(update_bn_data, None, "sweep_sigma_rel")
     if plot is not None and plot is not False:
         _pyplot()  # a missing matplotlib fails before any work
     if keras.backend.backend() == "jax":
@@ -127,9 +131,7 @@ def sweep_sigma_rel(
         for sigma_rel in sigma_rels:
             synthesis.synthesize(directory, model, sigma_rel, step=step)
             if update_bn_data is not None:
-                from keras_ema.batch_norm import update_bn
-
-                update_bn(model, update_bn_data)
+                batch_norm.update_bn(model, update_bn_data)
             results.append(
                 {"sigma_rel": sigma_rel,
                  **_evaluate(model, validation_data, batch_size)}
@@ -140,9 +142,7 @@ def sweep_sigma_rel(
         if keep_best:
             synthesis.synthesize(directory, model, best["sigma_rel"], step=step)
             if update_bn_data is not None:
-                from keras_ema.batch_norm import update_bn
-
-                update_bn(model, update_bn_data)
+                batch_norm.update_bn(model, update_bn_data)
             kept = True
     finally:
         if not kept:

@@ -189,6 +189,13 @@ def test_update_bn_takes_every_input_form_of_a_model_with_several_inputs():
                                    rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(numpy(bn.moving_variance), want_var,
                                    rtol=1e-5, atol=1e-6, err_msg=name)
+    # As many batches as inputs: still a list of batches.
+    two = [((x1[i:i + 32], x2[i:i + 32]), y[i:i + 32]) for i in (0, 32)]
+    assert keras_ema.update_bn(model, two) == 2
+    halves = [joined[:32], joined[32:]]
+    np.testing.assert_allclose(
+        numpy(bn.moving_mean), np.mean([h.mean(0) for h in halves], axis=0),
+        rtol=1e-5, atol=1e-6)
 
 
 # -- 3. export and load a model with an unregistered custom layer -------------
@@ -352,6 +359,10 @@ def test_sweep_takes_every_validation_data_form_of_fit(tmp_path):
     for one_shot in (batches(), iter([(X_VAL, Y_VAL)])):
         with pytest.raises(ValueError, match="generator or iterator"):
             keras_ema.sweep_sigma_rel(directory, model, widths, one_shot,
+                                      **sweep)
+        with pytest.raises(ValueError, match="iterator"):
+            keras_ema.sweep_sigma_rel(directory, model, widths,
+                                      (X_VAL, Y_VAL), update_bn_data=one_shot,
                                       **sweep)
     _assert_same(before, [bits(v) for v in model.variables])
 
