@@ -21,10 +21,11 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
     mid-save leaves the previous checkpoint whole (and at most a stray
     `.tmp-<hex>.<name>` next to it), and a save that raises leaves nothing.
 
-    With `save_best_only=True`, "best" must be measured on the averages:
-    monitor a validation metric and add `SwapAverageWeights` to the same
-    `fit`, so that validation runs on the averages. Other set-ups raise an
-    error before training.
+    With `save_best_only=True`, "best" must be measured on the averages it
+    saves: monitor a validation metric and add `SwapAverageWeights` to the
+    same `fit`, so that validation runs on the averages, with a `PostHocEMA`
+    those of the same `sigma_rel`. Other set-ups raise an error before
+    training.
 
     Args:
         filepath: Where to save, as for `keras.callbacks.ModelCheckpoint`.
@@ -75,9 +76,16 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         # The callback's `model` is the optimizer's model (`shadow_copy`).
-        find_in_model(self.model, "AverageModelCheckpoint").shadow_copy(
-            self.model
-        )
+        opt = find_in_model(self.model, "AverageModelCheckpoint")
+        opt.shadow_copy(self.model)
+        if self._which:
+            if not hasattr(opt, "sigma_rels"):
+                raise ValueError(
+                    "AverageModelCheckpoint does not support `sigma_rel` with "
+                    "an optimizer that keeps one average. Instead, leave "
+                    "`sigma_rel=None`, or train with `keras_ema.PostHocEMA`."
+                )
+            opt.profile(self.sigma_rel)  # raises for an untracked width
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
@@ -122,3 +130,26 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 "`fit`, so that validation runs on the averages, and monitor "
                 "a metric 'val_<name>', not 'val_raw_<name>'."
             )
+        # One width is validated per epoch; the best of another width cannot
+        # be told from its scores.
+        opt = find_in_model(self.model, "AverageModelCheckpoint")
+        if hasattr(opt, "sigma_rels") and opt.profile(
+            swap.sigma_rel
+        ) is not opt.profile(self.sigma_rel):
+            saved, validated = (
+                _width(opt, s) for s in (self.sigma_rel, swap.sigma_rel)
+            )
+            raise ValueError(
+                "AverageModelCheckpoint does not support `save_best_only=True` "
+                f"for the averages of sigma_rel={saved} while validation runs "
+                f"on those of sigma_rel={validated} "
+                f"(`SwapAverageWeights(sigma_rel={swap.sigma_rel!r})`): "
+                f"{self.monitor!r} would not measure what it saves. Instead, "
+                f"pass sigma_rel={saved} to `SwapAverageWeights` too, or the "
+                "same `sigma_rel` to both callbacks."
+            )
+
+
+def _width(opt, sigma_rel):
+    """The width `sigma_rel` selects (`None`: the optimizer's first)."""
+    return opt.sigma_rels[0] if sigma_rel is None else sigma_rel

@@ -41,14 +41,15 @@ def update_bn(model, data, steps=None, batch_size=32):
     Args:
         model: A built `keras.Model` (or layer) with `BatchNormalization`
             layers.
-        data: The inputs. A NumPy array or backend tensor, or a dict of
-            them for a model with several inputs, which is cut into batches
-            of `batch_size`; a tuple `(x, y)` or `(x, y, sample_weight)`
-            of those (`x` may also be a list of arrays; only `x` is used);
-            or a `tf.data.Dataset`, a `keras.utils.PyDataset` or any other
-            iterable of batches (a list, a generator, a
-            `torch.utils.data.DataLoader`), each batch the inputs `x` or a
-            tuple `(x, y)` or `(x, y, sample_weight)`.
+        data: The inputs, in any form the model's `fit` takes: arrays
+            (a dict or list of them for several inputs), cut into batches
+            of `batch_size`, or `(x,)`, `(x, y)`, `(x, y, sample_weight)` of
+            those (only `x` is used); or a `tf.data.Dataset`, a
+            `keras.utils.PyDataset` or another iterable of batches (a
+            generator, a `torch.utils.data.DataLoader`, a list), each
+            batch read as `fit` reads one. A list of arrays is one per
+            input for a functional model with several inputs, else a list
+            of batches: for a subclassed model, pass `(x,)` or a dict.
         steps: The most batches to use, or `None` (default) for all of
             `data`. Required for an infinite dataset.
         batch_size: Int, the batch size when `data` holds arrays. Ignored
@@ -85,7 +86,7 @@ def update_bn(model, data, steps=None, batch_size=32):
             "the pass would never end. Instead, pass `steps`, the number of "
             "batches to use."
         )
-    batches = _batches(data, batch_size)
+    batches = _batches(data, batch_size, _input_count(model))
     if steps is not None:
         batches = itertools.islice(batches, steps)
     statistics = [v for layer in layers for v in _statistics_of(layer)]
@@ -311,19 +312,27 @@ def _updated_layers(model):
 # -- data ---------------------------------------------------------------------
 
 
-def _batches(data, batch_size):
-    """An iterator over the batches of `data`, each one as given."""
-    if _is_array(data) or _is_arrays(data, dict):
+def _batches(data, batch_size, inputs=None):
+    """An iterator over the batches of `data`, each as `fit` reads one: `x`,
+    or a tuple `(x, y)` or `(x, y, sample_weight)`. `inputs` is the number
+    of inputs of the model, when known."""
+    if _is_array(data) or _is_arrays(data, dict) or (
+        # As `fit` reads them: a list of arrays is one array per input. For
+        # a model of one input, or when the count is not known (a subclassed
+        # model), a list holds batches.
+        inputs is not None and inputs > 1 and isinstance(data, list)
+        and len(data) == inputs and all(_is_array(item) for item in data)
+    ):
         return _slices(data, batch_size)
     if isinstance(data, tuple):
         x = keras.utils.unpack_x_y_sample_weight(data)[0]
-        if _is_array(x) or _is_arrays(x, (dict, list)):
+        if _is_array(x) or _is_arrays(x, (dict, list, tuple)):
             return _slices(x, batch_size)
         raise ValueError(
             "update_bn does not support a tuple `data` whose first item is "
             f"not an array. Received: x of type {type(x).__name__}. Instead, "
-            "pass `(x, y)` with `x` an array or tensor of inputs, or a list "
-            "of batches."
+            "pass `(x, y)` with `x` an array or tensor of inputs (or a list "
+            "or dict of them), or a list of batches."
         )
     if _is_tf_dataset(data) and keras.backend.backend() != "tensorflow":
         return data.as_numpy_iterator()
@@ -332,24 +341,32 @@ def _batches(data, batch_size):
     except TypeError:
         raise ValueError(
             f"update_bn does not support `data` of type {type(data).__name__}. "
-            "Instead, pass a NumPy array or tensor of inputs, a tuple "
-            "`(x, y)`, a `tf.data.Dataset`, a `keras.utils.PyDataset` or an "
-            "iterable of batches."
+            "Instead, pass a NumPy array or tensor of inputs (or a list or "
+            "dict of them), a tuple `(x, y)`, a `tf.data.Dataset`, a "
+            "`keras.utils.PyDataset` or an iterable of batches."
         ) from None
 
 
+def _input_count(model):
+    """How many inputs a functional model takes, or None if unknown."""
+    try:
+        return len(model.inputs)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _inputs(batch):
-    if isinstance(batch, (tuple, list)):
-        return keras.utils.unpack_x_y_sample_weight(batch)[0]
-    return batch
+    # Keras' rule for a batch, as `fit` unpacks one: a list is a tuple.
+    return keras.utils.unpack_x_y_sample_weight(batch)[0]
 
 
 def _slices(x, batch_size):
     size = int(keras.tree.flatten(x)[0].shape[0])
     for start in range(0, size, batch_size):
-        yield keras.tree.map_structure(
+        # `(x,)`: a list of inputs must not be read as `(x, y)`.
+        yield (keras.tree.map_structure(
             lambda a: a[start:start + batch_size], x
-        )
+        ),)
 
 
 def _is_array(value):

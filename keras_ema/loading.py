@@ -8,7 +8,9 @@ import keras
 from keras import ops
 
 from keras_ema._files import atomic_path
+from keras_ema.export import model_objects
 from keras_ema.export import plain_copy
+from keras_ema.export import rebuilding
 from keras_ema.optimizer import ExponentialMovingAverage
 from keras_ema._binding import find_in_model
 
@@ -64,7 +66,8 @@ def load_averaged(filepath, model=None, sigma_rel=None, custom_objects=None):
         custom_objects: Optional dict of the custom classes and functions
             that the model (its class, its layers) and the optimizer (a
             custom inner optimizer or schedule) need to deserialize, as for
-            `keras.models.load_model`.
+            `keras.models.load_model`. With `model`, the classes of `model`
+            and of its layers need none.
 
     Returns:
         A `keras.Model` of the same architecture, not compiled, whose weights
@@ -183,9 +186,10 @@ def _from_keras_file(filepath, custom_objects):
     compile_config = config.get("compile_config") or {}
     optimizer = compile_config.get("optimizer")
     if optimizer is not None:
-        optimizer = keras.saving.deserialize_keras_object(
-            optimizer, custom_objects=custom_objects
-        )
+        with rebuilding("load_averaged"):
+            optimizer = keras.saving.deserialize_keras_object(
+                optimizer, custom_objects=custom_objects
+            )
     chain = list(_chain(optimizer))
     if not any(isinstance(o, ExponentialMovingAverage) for o in chain):
         name = None if optimizer is None else type(optimizer).__name__
@@ -196,9 +200,10 @@ def _from_keras_file(filepath, custom_objects):
             "model compiled with `keras_ema.ExponentialMovingAverage(...)`, "
             "or load this one with `keras.models.load_model`."
         )
-    model = keras.models.load_model(
-        filepath, custom_objects=custom_objects, compile=False
-    )
+    with rebuilding("load_averaged"):
+        model = keras.models.load_model(
+            filepath, custom_objects=custom_objects, compile=False
+        )
     # Wrapped in a LossScaleOptimizer under mixed_float16, as by
     # `keras.models.load_model`.
     model.compile(optimizer=optimizer)
@@ -218,14 +223,15 @@ def _twin(model, custom_objects):
     config = keras.saving.serialize_keras_object(model)
     # Its loss and metrics are not needed, and may not deserialize.
     config.pop("compile_config", None)
-    objects = _objects(model, custom_objects)
-    twin = keras.saving.deserialize_keras_object(
-        config, custom_objects=objects
-    )
-    optimizer = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(model.optimizer),
-        custom_objects=objects,
-    )
+    objects = model_objects(model, custom_objects)
+    with rebuilding("load_averaged"):
+        twin = keras.saving.deserialize_keras_object(
+            config, custom_objects=objects
+        )
+        optimizer = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(model.optimizer),
+            custom_objects=objects,
+        )
     # `model.optimizer` is already wrapped if `compile` wrapped it.
     twin.compile(optimizer=optimizer, auto_scale_loss=False)
     return twin, _averages_created(twin)
@@ -277,10 +283,6 @@ def _profile(opt, sigma_rel):
             "`keras_ema.PostHocEMA`."
         )
     return opt.profile(sigma_rel)
-
-
-def _objects(model, custom_objects):
-    return {type(model).__name__: type(model), **(custom_objects or {})}
 
 
 def _export_file(training_file, plain_file, sigma_rel=None):

@@ -406,13 +406,22 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             # Named as the other backends name it, where `var_list` shows.
             _step.refuse_unknown(state, var_list)
             raise ValueError(refused)
-        if state.road.stateless and state.swapped_in:
-            warnings.warn(
-                "keras-ema: this `fit` changed nothing: the averages are "
-                "swapped into the model. Instead, call "
-                "`optimizer.swap_weights()` first, or pass "
-                "`keras_ema.SwapAverageWeights()` to `fit`."
+        # A callback may have swapped the averages in after the last epoch's
+        # steps (`swap_on_epoch=True`): only a fit that left `iterations`
+        # where the previous one ended changed nothing. A first fit refused
+        # warns when its step compiles (`_jax.py`).
+        if state.road.stateless:
+            last = getattr(self, "_iterations_after_fit", None)
+            self._iterations_after_fit = int(
+                keras.ops.convert_to_numpy(self.iterations)
             )
+            if state.swapped_in and last == self._iterations_after_fit:
+                warnings.warn(
+                    "keras-ema: this `fit` changed nothing: the averages are "
+                    "swapped into the model. Instead, call "
+                    "`optimizer.swap_weights()` first, or pass "
+                    "`keras_ema.SwapAverageWeights()` to `fit`."
+                )
         self.inner_optimizer.finalize_variable_values(var_list)
 
     # -- saving (`_layout.py`) ------------------------------------------------

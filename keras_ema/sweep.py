@@ -1,11 +1,13 @@
 """`sweep_sigma_rel`: the best post-hoc EMA width, chosen on validation data."""
 
+import collections.abc
 import dataclasses
 
 import keras
 import numpy as np
 
 from keras_ema import _atomic
+from keras_ema import batch_norm
 from keras_ema import synthesis
 
 _HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
@@ -71,7 +73,12 @@ def sweep_sigma_rel(
         model: The trained, compiled `keras.Model` (its weights are restored
             after the sweep).
         sigma_rels: The widths to try, floats in (0, 0.2887].
-        validation_data: What `model.evaluate` takes: `(x, y)`, a dataset.
+        validation_data: What `fit` takes as `validation_data`: `(x, y)`
+            or `(x, y, sample_weight)` of arrays, a `tf.data.Dataset`, a
+            `keras.utils.PyDataset`, or a function that returns a fresh
+            generator (or any of these), called for each evaluation. A
+            generator or iterator itself is refused: the first evaluation
+            would use it up.
         metric: The metric that picks the best width: `"loss"` (default) or
             a compiled metric's name. Higher is better for names with
             "acc", "auc", "precision", "recall", "f1", "iou" or "r2".
@@ -79,7 +86,8 @@ def sweep_sigma_rel(
         batch_size: Passed to `evaluate`.
         update_bn_data: Data for `keras_ema.update_bn`, run on each
             synthesized average before it is evaluated (for BatchNorm
-            statistics that were not averaged).
+            statistics that were not averaged), in any form it takes but
+            an iterator, which the first pass would use up.
         keep_best: If `True`, `model` ends holding the best average.
         plot: A file path for the plot (e.g. `"sweep.png"`), or `True` to
             only return the figure. Needs matplotlib.
@@ -103,6 +111,9 @@ def sweep_sigma_rel(
             "sweep_sigma_rel requires at least one `sigma_rel`. Instead, "
             "pass e.g. sigma_rels=[0.05, 0.07, 0.10, 0.15]."
         )
+    _check_validation_data(validation_data)
+    # Each width makes a pass over it.
+    batch_norm.check_options(update_bn_data, None, "sweep_sigma_rel")
     if plot is not None and plot is not False:
         _pyplot()  # a missing matplotlib fails before any work
     if keras.backend.backend() == "jax":
@@ -120,9 +131,7 @@ def sweep_sigma_rel(
         for sigma_rel in sigma_rels:
             synthesis.synthesize(directory, model, sigma_rel, step=step)
             if update_bn_data is not None:
-                from keras_ema.batch_norm import update_bn
-
-                update_bn(model, update_bn_data)
+                batch_norm.update_bn(model, update_bn_data)
             results.append(
                 {"sigma_rel": sigma_rel,
                  **_evaluate(model, validation_data, batch_size)}
@@ -133,9 +142,7 @@ def sweep_sigma_rel(
         if keep_best:
             synthesis.synthesize(directory, model, best["sigma_rel"], step=step)
             if update_bn_data is not None:
-                from keras_ema.batch_norm import update_bn
-
-                update_bn(model, update_bn_data)
+                batch_norm.update_bn(model, update_bn_data)
             kept = True
     finally:
         if not kept:
@@ -150,13 +157,31 @@ def sweep_sigma_rel(
     return result
 
 
+def _check_validation_data(data):
+    """Refuses, before any work, data that the first evaluation uses up."""
+    if isinstance(data, collections.abc.Iterator):
+        raise ValueError(
+            "sweep_sigma_rel does not support a generator or iterator as "
+            "`validation_data`: every width is evaluated on it, and the "
+            "first evaluation uses it up. Instead, pass a function that "
+            "returns a fresh one (`validation_data=lambda: batches()`), "
+            "which is called for each evaluation, or arrays `(x, y)`, a "
+            "`tf.data.Dataset` or a `keras.utils.PyDataset`."
+        )
+
+
 def _evaluate(model, data, batch_size):
-    if isinstance(data, tuple):
-        logs = model.evaluate(*data, batch_size=batch_size, verbose=0,
-                              return_dict=True)
+    """`model.evaluate` on `data` as `fit` reads `validation_data`: `(x, y)`
+    or `(x, y, sample_weight)`, or a dataset; a function is called for a
+    fresh one."""
+    if callable(data):
+        data = data()
+    kwargs = dict(batch_size=batch_size, verbose=0, return_dict=True)
+    if isinstance(data, (tuple, list)):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        logs = model.evaluate(x, y, sample_weight=sample_weight, **kwargs)
     else:
-        logs = model.evaluate(data, batch_size=batch_size, verbose=0,
-                              return_dict=True)
+        logs = model.evaluate(data, **kwargs)
     return {k: float(v) for k, v in logs.items()}
 
 
