@@ -79,6 +79,9 @@ class State:
         # On JAX: the message of a step that refused to run for the model's
         # fit, raised when the fit ends (`finalize_variable_values`).
         self.refused = None
+        # On JAX: `iterations` when the last `fit` ended, to tell a fit that
+        # changed nothing from one after which a callback swapped averages in.
+        self.iterations_after_fit = None
         # On JAX, while a guarded train step is traced: the optimizer
         # variables of the model's optimizer and their values in that step
         # (what `call_with_averages` reads).

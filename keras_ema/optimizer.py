@@ -411,11 +411,11 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         # where the previous one ended changed nothing. A first fit refused
         # warns when its step compiles (`_jax.py`).
         if state.road.stateless:
-            last = getattr(self, "_iterations_after_fit", None)
-            self._iterations_after_fit = int(
+            last = state.iterations_after_fit
+            state.iterations_after_fit = int(
                 keras.ops.convert_to_numpy(self.iterations)
             )
-            if state.swapped_in and last == self._iterations_after_fit:
+            if state.swapped_in and last == state.iterations_after_fit:
                 warnings.warn(
                     "keras-ema: this `fit` changed nothing: the averages are "
                     "swapped into the model. Instead, call "
