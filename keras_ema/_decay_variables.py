@@ -40,15 +40,26 @@ def set_decay(state, value, add_variable):
         )
     old = state.schedule
     if state.trained and not (
-        (number and old is None)
-        or (old is not None and type(schedule) is type(old)
-            and schedules.parameters(schedule))
+        (number and old is None) or _same_rule(schedule, old)
     ):
         raise ValueError(_FROZEN.format(value))
     state.average_decay = value
     state.schedule = schedule
     if state.built:
         hold(state, add_variable)
+
+
+def _same_rule(schedule, old):
+    """Whether `schedule` can replace `old` in a traced step: a schedule
+    of the same class whose parameters the step reads from variables, or
+    one equal to it (`Uniform()` for `Uniform()`)."""
+    if old is None or type(schedule) is not type(old):
+        return False
+    if schedule is old or schedules.parameters(schedule):
+        return True
+    return isinstance(schedule, schedules.DecaySchedule) and (
+        schedule.get_config() == old.get_config()
+    )
 
 
 def create(state, add_variable):
@@ -127,14 +138,15 @@ def complement_at(state, n):
     """`1 - decay` of the averaging update after real update `n + 1` since
     `start_step`, read from the variables (`schedules.complement`)."""
     schedule = state.schedule
+    # Values, not variables: plain arithmetic on a variable inside a
+    # traced JAX step is refused.
     if schedule is None:
-        def schedule(step):
-            return schedules.number_rule(
-                step, state.decay, state.dynamic_decay
-            )
+        rule = (schedules.Dynamic if state.dynamic_decay
+                else schedules.Constant)(0.0)
+        schedule = schedules.with_values(
+            rule, {schedules.parameters(rule)[0]: state.decay.value}
+        )
     elif state.schedule_values:
-        # Values, not variables: plain arithmetic on a variable inside a
-        # traced JAX step is refused.
         schedule = schedules.with_values(
             schedule, {k: v.value for k, v in state.schedule_values.items()}
         )
