@@ -124,11 +124,15 @@ def _create_schedule_values(state, add_variable):
 
 def _add(state, add_variable, name, value):
     # Eagerly, also while `fit` traces the step that builds the optimizer.
+    # Wide: float32 holds 0.9999 as 0.99989998, whose `1 - decay` is 1.7e-4
+    # relative off.
     road = state.road
     with road.strategy_scope(state), road.eager_scope():
         variable = add_variable(
-            shape=(), dtype="float32", aggregation="only_first_replica",
-            initializer=keras.initializers.Constant(value), name=name,
+            shape=(), dtype=_schedule_base.wide_float(),
+            aggregation="only_first_replica",
+            initializer=keras.initializers.Constant(np.float64(value)),
+            name=name,
         )
     state.own_variables.append(variable)
     return variable
@@ -147,7 +151,10 @@ def complement_at(state, n):
             rule, {schedules.parameters(rule)[0]: state.decay.value}
         )
     elif state.schedule_values:
-        schedule = schedules.with_values(
-            schedule, {k: v.value for k, v in state.schedule_values.items()}
-        )
+        values = {k: v.value for k, v in state.schedule_values.items()}
+        if type(schedule).complement is schedules.DecaySchedule.complement:
+            # A schedule that leaves `1 - decay` to the base class computes
+            # in float32, as `DecaySchedule` asks of `__call__`.
+            values = {k: keras.ops.cast(v, "float32") for k, v in values.items()}
+        schedule = schedules.with_values(schedule, values)
     return schedules.complement(schedule, n, state.update_every)

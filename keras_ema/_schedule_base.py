@@ -58,6 +58,14 @@ def wide(value):
     return ops.cast(value, wide_float())
 
 
+def wide_complement(value):
+    """`1 - value` in `wide_float()`; of a Python number, in float64 first
+    (exact), so that a decay near 1 keeps its digits on JAX without x64."""
+    if is_real(value):
+        return wide(1.0 - value)
+    return 1.0 - wide(value)
+
+
 class DecaySchedule:
     """Base class of decay schedules: `schedule(step) -> decay`.
 

@@ -13,6 +13,7 @@ from keras_ema._schedule_base import check_positive as _check_positive
 from keras_ema._schedule_base import invalid as _invalid
 from keras_ema._schedule_base import is_real as _is_real
 from keras_ema._schedule_base import wide as _wide
+from keras_ema._schedule_base import wide_complement as _wide_complement
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
@@ -200,8 +201,10 @@ class Cosine(DecaySchedule):
 
     def complement(self, step):
         # `1 - decay` directly: near 1 a float32 decay keeps few digits.
-        final, initial = _wide(self.final_decay), _wide(self.initial_decay)
-        return (1.0 - final) + (final - initial) * self._rise(step)
+        final, initial = self.final_decay, self.initial_decay
+        span = (final - initial if _is_real(final) and _is_real(initial)
+                else _wide(final) - _wide(initial))
+        return _wide_complement(final) + _wide(span) * self._rise(step)
 
     def get_config(self):
         return {"initial_decay": self.initial_decay,

@@ -24,6 +24,7 @@ from keras_ema._schedule_base import check_decay as _check_decay
 from keras_ema._schedule_base import check_positive as _check_positive
 from keras_ema._schedule_base import is_real as _is_real
 from keras_ema._schedule_base import wide as _wide
+from keras_ema._schedule_base import wide_complement as _wide_complement
 from keras_ema.growing_schedules import Cosine
 from keras_ema.growing_schedules import Power
 from keras_ema.growing_schedules import Uniform
@@ -170,8 +171,8 @@ class Warmup(DecaySchedule):
     def complement(self, step):
         n = _wide(step)
         rest = ops.power(1.0 + n / _wide(self.inv_gamma), -_wide(self.power))
-        return ops.clip(rest, 1.0 - _wide(self.max_decay),
-                        1.0 - _wide(self.min_decay))
+        return ops.clip(rest, _wide_complement(self.max_decay),
+                        _wide_complement(self.min_decay))
 
     def get_config(self):
         return {"max_decay": self.max_decay, "inv_gamma": self.inv_gamma,
@@ -208,6 +209,8 @@ class HalfLife(Constant):
     def complement(self, step):
         # From the half-life: `decay` holds 0.5 ** (1 / half_life) rounded
         # to float32, a relative error of `1 - decay` of up to 1e-7 / it.
+        if _is_real(self.half_life):
+            return -ops.expm1(_wide(-math.log(2.0) / self.half_life))
         return -ops.expm1(-math.log(2.0) / _wide(self.half_life))
 
     def get_config(self):
@@ -258,7 +261,7 @@ def number_rule(step, decay, dynamic):
 def number_complement(step, decay, dynamic):
     """`1 - number_rule(step, decay, dynamic)`, in `wide_float()`: the
     dynamic cap's `1 - (1 + n) / (10 + n)` as `9 / (10 + n)`."""
-    rest = 1.0 - _wide(decay)
+    rest = _wide_complement(decay)
     if not dynamic:
         return rest
     return ops.maximum(9.0 / (10.0 + _wide(step)), rest)
