@@ -6,7 +6,9 @@ decay lives in optimizer variables: a number in `average_decay`, and the
 variable each. Setting `optimizer.average_decay` assigns them, which takes
 effect from the next update without retracing, and saves them with the
 optimizer. What a variable cannot express, a change of rule (a number for a
-schedule, another schedule class), is refused once training started.
+schedule, another schedule class), is refused once training started. The
+variables are float64 where the backend computes in it
+(`_schedule_base.wide_float`): a decay near 1 keeps its digits.
 """
 
 import keras

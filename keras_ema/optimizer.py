@@ -89,13 +89,11 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         exclude: Regular expressions; variables whose `path` matches one
             (`re.search`) get no average and are left alone by swaps.
         compensated: If `True`, each average keeps the rounding error of
-            its updates in a buffer of its own (compensated summation) and
-            stays within float32 rounding of the exact average however long
-            it runs; costs one more buffer per average and about a third
-            more time per averaging update. Without it, a float32 average
-            drifts by about 1e-4 to 1e-3 relative over 10**5 to 10**6
-            updates. Recommended for `Uniform`, `Power` and decays above
-            0.999 on long runs (see the averaging-methods guide).
+            its updates in a second buffer (compensated summation) and stays
+            within float32 rounding of the exact average however long the
+            run; without, it drifts by 1e-4 to 1e-2 relative over 10**5 to
+            10**6 updates of `Uniform`, `Power` or a decay of 0.9999. Costs
+            one more buffer per average and a slower averaging update.
         name: String, the name of the optimizer.
 
     `trainable_weights_only`, `start_step`, `dynamic_decay`, `update_every`,
