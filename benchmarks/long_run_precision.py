@@ -51,7 +51,8 @@ def complements(name, steps):
         return 1.0 / (n + 2.0)
     if name == "Power(0.1)":
         gamma = schedules.sigma_rel_to_gamma(0.1)
-        return -np.expm1((gamma + 1.0) * np.log1p(-1.0 / (n + 1.0)))
+        with np.errstate(divide="ignore"):  # log1p(-1): the first copies
+            return -np.expm1((gamma + 1.0) * np.log1p(-1.0 / (n + 1.0)))
     if name.startswith("Cosine"):
         rise = (np.cos(np.pi * np.minimum(n, steps) / steps) + 1.0) / 2.0
         return (1.0 - 0.999) + (0.999 - 0.9) * rise

@@ -302,3 +302,29 @@ def test_steps_that_do_not_average_leave_average_and_compensation_bit_exact():
         if (i + 1) % 3:  # no averaging update after real update i + 1
             np.testing.assert_array_equal(seen[i][0], seen[i - 1][0])
             np.testing.assert_array_equal(seen[i][1], seen[i - 1][1])
+
+
+def test_bfloat16_weights_get_a_float32_compensation_beside_their_backup():
+    weight = keras.Variable(np.float32([3.0, -7.0]), dtype="bfloat16")
+    opt = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(1.0), average_decay=schedules.Uniform(),
+        compensated=True,
+    )
+    opt.build([weight])
+    (compensation,) = [v for v in opt.variables
+                       if v.name.endswith("_compensation")]
+    assert keras.backend.standardize_dtype(compensation.dtype) == "float32"
+    for _ in range(5):
+        opt.apply([keras.ops.convert_to_tensor(np.float32([0.3, -0.1]),
+                                               "bfloat16")], [weight])
+
+    def state():
+        return [keras.ops.convert_to_numpy(keras.ops.cast(v, "float32"))
+                for v in (weight, opt.average(weight), compensation)]
+
+    compensation.assign(np.float32([1e-7, -2e-7]))  # errors to keep
+    before = state()
+    opt.swap_weights()
+    opt.swap_weights()
+    for a, b in zip(state(), before):
+        np.testing.assert_array_equal(a, b)
