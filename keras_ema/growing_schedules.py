@@ -30,7 +30,7 @@ class Uniform(DecaySchedule):
     statistics of the averages with `keras_ema.update_bn`. The count is an
     integer and `1 - decay_k = 1 / (k + 2)` is computed directly; with
     `ExponentialMovingAverage(compensated=True)` the float32 mean stays
-    within 1e-6 relative of the exact mean over millions of updates
+    within 1e-7 relative of the exact mean over a million updates
     (without, each update rounds it, and the error grows with the count:
     see the performance guide).
 
