@@ -6,7 +6,9 @@ decay lives in optimizer variables: a number in `average_decay`, and the
 variable each. Setting `optimizer.average_decay` assigns them, which takes
 effect from the next update without retracing, and saves them with the
 optimizer. What a variable cannot express, a change of rule (a number for a
-schedule, another schedule class), is refused once training started.
+schedule, another schedule class), is refused once training started. The
+variables are float64 where the backend computes in it
+(`_schedule_base.wide_float`): a decay near 1 keeps its digits.
 """
 
 import keras
@@ -40,15 +42,26 @@ def set_decay(state, value, add_variable):
         )
     old = state.schedule
     if state.trained and not (
-        (number and old is None)
-        or (old is not None and type(schedule) is type(old)
-            and schedules.parameters(schedule))
+        (number and old is None) or _same_rule(schedule, old)
     ):
         raise ValueError(_FROZEN.format(value))
     state.average_decay = value
     state.schedule = schedule
     if state.built:
         hold(state, add_variable)
+
+
+def _same_rule(schedule, old):
+    """Whether `schedule` can replace `old` in a traced step: a schedule
+    of the same class whose parameters the step reads from variables, or
+    one equal to it (`Uniform()` for `Uniform()`)."""
+    if old is None or type(schedule) is not type(old):
+        return False
+    if schedule is old or schedules.parameters(schedule):
+        return True
+    return isinstance(schedule, schedules.DecaySchedule) and (
+        schedule.get_config() == old.get_config()
+    )
 
 
 def create(state, add_variable):
@@ -113,11 +126,15 @@ def _create_schedule_values(state, add_variable):
 
 def _add(state, add_variable, name, value):
     # Eagerly, also while `fit` traces the step that builds the optimizer.
+    # Wide: float32 holds 0.9999 as 0.99989998, whose `1 - decay` is 1.7e-4
+    # relative off.
     road = state.road
     with road.strategy_scope(state), road.eager_scope():
         variable = add_variable(
-            shape=(), dtype="float32", aggregation="only_first_replica",
-            initializer=keras.initializers.Constant(value), name=name,
+            shape=(), dtype=_schedule_base.wide_float(),
+            aggregation="only_first_replica",
+            initializer=keras.initializers.Constant(np.float64(value)),
+            name=name,
         )
     state.own_variables.append(variable)
     return variable
@@ -127,15 +144,19 @@ def complement_at(state, n):
     """`1 - decay` of the averaging update after real update `n + 1` since
     `start_step`, read from the variables (`schedules.complement`)."""
     schedule = state.schedule
+    # Values, not variables: plain arithmetic on a variable inside a
+    # traced JAX step is refused.
     if schedule is None:
-        def schedule(step):
-            return schedules.number_rule(
-                step, state.decay, state.dynamic_decay
-            )
-    elif state.schedule_values:
-        # Values, not variables: plain arithmetic on a variable inside a
-        # traced JAX step is refused.
+        rule = (schedules.Dynamic if state.dynamic_decay
+                else schedules.Constant)(0.0)
         schedule = schedules.with_values(
-            schedule, {k: v.value for k, v in state.schedule_values.items()}
+            rule, {schedules.parameters(rule)[0]: state.decay.value}
         )
+    elif state.schedule_values:
+        values = {k: v.value for k, v in state.schedule_values.items()}
+        if type(schedule).complement is schedules.DecaySchedule.complement:
+            # A schedule that leaves `1 - decay` to the base class computes
+            # in float32, as `DecaySchedule` asks of `__call__`.
+            values = {k: keras.ops.cast(v, "float32") for k, v in values.items()}
+        schedule = schedules.with_values(schedule, values)
     return schedules.complement(schedule, n, state.update_every)

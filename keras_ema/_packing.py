@@ -36,6 +36,8 @@ class Pack:
         self.shapes = [tuple(w.shape) for w in self.weights]
         self.offsets = np.cumsum([0] + [_size(w) for w in weights]).tolist()
         self.buffer = None
+        # The rounding errors of `buffer`'s moves, with `compensated`.
+        self.compensation = None
 
     def join(self, weights):
         """The weights (variables or values), flattened and joined."""

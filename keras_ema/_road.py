@@ -88,7 +88,7 @@ class Road:
             fn(average, weight, backup, *args)
         for pack, chosen in packs:
             _update.run_packed(fn, pack, chosen, joins, pack.buffer,
-                               pack.weights, *args)
+                               pack.weights, pack.compensation, *args)
 
     # -- a model's state outside its variables (JAX) ---------------------------
 

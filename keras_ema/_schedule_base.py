@@ -8,6 +8,7 @@ Both build on `DecaySchedule` here.
 import math
 import numbers
 
+import keras
 from keras import ops
 
 
@@ -34,6 +35,35 @@ def check_positive(owner, name, value, example):
     if not (is_real(value) and 0.0 < value < math.inf):
         raise invalid(owner, name, value, "a finite real number > 0", example)
     return float(value)
+
+
+def wide_float():
+    """The widest float dtype the backend computes in: float64, except on
+    JAX without `jax_enable_x64` (which would silently compute float32).
+
+    Decays near 1 are computed in it, then rounded once to float32: a
+    float32 step count holds integers only up to 2**24, and each float32
+    operation on the way costs digits of `1 - decay`.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
+
+
+def wide(value):
+    """`value` (a number, a step count or a variable's value) as a tensor
+    of `wide_float()`."""
+    return ops.cast(value, wide_float())
+
+
+def wide_complement(value):
+    """`1 - value` in `wide_float()`; of a Python number, in float64 first
+    (exact), so that a decay near 1 keeps its digits on JAX without x64."""
+    if is_real(value):
+        return wide(1.0 - value)
+    return 1.0 - wide(value)
 
 
 class DecaySchedule:
@@ -94,8 +124,10 @@ class DecaySchedule:
         return cls(**config)
 
     def complement(self, step):
-        """`1 - self(step)`; subclasses whose decay nears 1 compute it
-        directly, so that float32 keeps its digits."""
+        """`1 - self(step)`, the fraction of the way an update moves the
+        average. The schedules of keras-ema compute it directly, without
+        subtracting a decay near 1 from 1 (which keeps few digits of it),
+        in `wide_float()`; this default subtracts."""
         return 1.0 - ops.cast(self(step), "float32")
 
     def __repr__(self):

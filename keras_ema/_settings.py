@@ -82,6 +82,9 @@ class Settings:
     exclude = FixedOnceBuilt(
         lambda value, state: _checks.compile_patterns(value), _CHOSEN
     )
+    compensated = FixedOnceBuilt(
+        _bool("compensated"), "the averages' buffers were created with it."
+    )
 
 
 def get_config(optimizer):
@@ -102,6 +105,7 @@ def get_config(optimizer):
         "update_every": optimizer.update_every,
         "average_dtype": optimizer.average_dtype,
         "exclude": [p.pattern for p in optimizer.exclude],
+        "compensated": optimizer.compensated,
     }
 
 

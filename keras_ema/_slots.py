@@ -128,6 +128,8 @@ def add_average(state, variable, add_variable, saved=None, extra=False):
     _add_entry(state, variable, slots)
     if extra:
         state.extra.extend(slots)
+    add_compensation(state, slots[0], variable, add_variable,
+                     f"average_{len(state.entries) - 1}")
 
 
 def _add_pack(state, weights, add_variable):
@@ -150,7 +152,35 @@ def _add_pack(state, weights, add_variable):
             name=f"packed_averages_{len(state.packs)}",
         )
     state.packs.append(pack)
+    pack.compensation = add_compensation(
+        state, pack.buffer, weights[0], add_variable, pack.buffer.name
+    )
     return pack
+
+
+def add_compensation(state, average, weight, add_variable, name):
+    """With `compensated`, the buffer that keeps the rounding error of the
+    moves of `average` (`_update.move_compensated`), zeros; else None.
+
+    Saved with the optimizer's own variables (`_layout.py`), by a name that
+    says which average it belongs to by position, as a model's weights get
+    other names in another model of the same architecture. A file without
+    it (saved without `compensated`, or on a backend that packs otherwise)
+    leaves it as it is, which costs the averages at most one float32
+    rounding.
+    """
+    if not state.compensated:
+        return None
+    road = state.road
+    with road.eager_scope(), road.colocate_with(state, weight):
+        variable = add_variable(
+            shape=average.shape, initializer="zeros", dtype=average.dtype,
+            name=f"{name}_compensation",
+            layout=getattr(weight, "_layout", None),
+        )
+    state.compensation[id(average)] = variable
+    state.own_variables.append(variable)
+    return variable
 
 
 def _add_entry(state, variable, slots):

@@ -33,6 +33,7 @@ class State:
         self.update_every = 1
         self.average_dtype = None
         self.exclude = []
+        self.compensated = False
 
         # The decay (`_decay_variables.py`): what the user set (a number or a
         # schedule), the schedule or None for a number, and the variables a
@@ -64,6 +65,11 @@ class State:
         self.packs = []
         self.extra = []
         self.todo = []
+        # With `compensated`: each average's compensation buffer (a packed
+        # one's is the pack's, `Pack.compensation`), by the average's `id`,
+        # and the entries as the moves take them (`_update.move_entries`).
+        self.compensation = {}
+        self.move_entries = None
         # On torch: the entries grouped for the multi-tensor kernels.
         self.torch_groups = None
 

@@ -153,7 +153,8 @@ class TensorFlowRoad(_road.Road):
                     functools.partial(
                         _update.run_packed, fn, pack, chosen, joins
                     ),
-                    args=([value(w) for w in pack.weights], *args),
+                    args=([value(w) for w in pack.weights],
+                          value(pack.compensation), *args),
                     group=False,
                 )
 

@@ -35,6 +35,9 @@ class TorchRoad(_road.Road):
         if fn is _update.move and not in_stateless_scope():
             _move_all(state, entries, *args)
             return
+        if fn is _update.move_compensated and not in_stateless_scope():
+            _move_all_compensated(state, entries, *args)
+            return
         super().for_each(state, entries, packs, fn, args, None, joins)
 
 
@@ -59,7 +62,7 @@ def _move_all(state, entries, factor):
         if lerp >= 0.5:
             lerp = None
     with torch.no_grad():
-        for weights, averages in groups:
+        for weights, averages, _ in groups:
             # `_value`: the tensor itself, which `assign` updates in place.
             averages = [a._value for a in averages]
             weights = [w._value for w in weights]
@@ -71,27 +74,60 @@ def _move_all(state, entries, factor):
             torch._foreach_sub_(averages, deltas)
 
 
+def _move_all_compensated(state, entries, factor):
+    """`_update.move_compensated` for every entry, with the same operations
+    in the same order, as multi-tensor kernels (bit for bit)."""
+    plan = state.torch_groups
+    if plan is None or plan[0] is not entries or plan[1] != len(entries):
+        plan = state.torch_groups = (entries, len(entries), _groups(entries))
+    singles, groups = plan[2]
+    for weight, average, compensation in singles:
+        _update.move_compensated(average, weight, compensation, factor)
+    with torch.no_grad():
+        for weights, averages, compensations in groups:
+            a = [v._value for v in averages]
+            c = [v._value for v in compensations]
+            dtype = a[0].dtype
+            f = factor.to(dtype)
+            moving = (f != 0).to(dtype)
+            delta = torch._foreach_sub(a, [w._value for w in weights])
+            torch._foreach_add_(delta, c)
+            torch._foreach_mul_(delta, f)
+            y = torch._foreach_mul(c, moving)
+            torch._foreach_sub_(y, delta)
+            new = torch._foreach_add(a, y)
+            y_part = torch._foreach_sub(new, a)
+            error = torch._foreach_sub(a, torch._foreach_sub(new, y_part))
+            torch._foreach_sub_(y, y_part)
+            torch._foreach_add_(error, y)
+            torch._foreach_mul_(c, 1 - moving)
+            torch._foreach_add_(c, error)
+            torch._foreach_copy_(a, new)
+
+
 def _groups(entries):
-    """Entries with a backup or another dtype than their weight, alone; the
-    others as `(weights, averages)` groups of one dtype and device, and of
-    bounded size."""
+    """Entries whose average has another dtype than their weight (those
+    with a backup), alone; the others as `(weights, averages, thirds)`
+    groups of one dtype and device, and of bounded size (`thirds`: the
+    entries' third variables, the compensation buffers of a compensated
+    move)."""
     singles, by_kind = [], {}
     for entry in entries:
-        weight, average, backup = entry
-        if backup is not None or average.dtype != weight.dtype:
+        weight, average, _ = entry
+        if average.dtype != weight.dtype:
             singles.append(entry)
         else:
             key = (average.dtype, average._value.device)
-            by_kind.setdefault(key, []).append((weight, average))
+            by_kind.setdefault(key, []).append(entry)
     groups = []
-    for pairs in by_kind.values():
-        weights, averages, size = [], [], 0
-        for weight, average in pairs:
-            if averages and size + average._value.numel() > _GROUP_SIZE:
-                groups.append((weights, averages))
-                weights, averages, size = [], [], 0
-            weights.append(weight)
-            averages.append(average)
-            size += average._value.numel()
-        groups.append((weights, averages))
+    for kind in by_kind.values():
+        group, size = [], 0
+        for entry in kind:
+            numel = entry[1]._value.numel()
+            if group and size + numel > _GROUP_SIZE:
+                groups.append(tuple(map(list, zip(*group))))
+                group, size = [], 0
+            group.append(entry)
+            size += numel
+        groups.append(tuple(map(list, zip(*group))))
     return singles, groups

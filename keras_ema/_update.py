@@ -7,7 +7,10 @@ are swapped in, so that a swap never rounds the average. The functions
 `move`, `move_or_copy`, `swap`, `start` and `assign` take one entry's
 variables (per device under `tf.distribute`); `for_each` runs one of them
 for many entries through the backend's road, once per pack for packed
-averages (`_packing.py`).
+averages (`_packing.py`). With `compensated`, the moves are
+`move_compensated` and `move_compensated_or_copy`, whose third variable is
+the average's compensation buffer instead of the backup (which no move
+reads): `move_entries` gives the entries so.
 """
 
 from keras import ops
@@ -48,8 +51,25 @@ def move_averages(state, entries, moved, step, joins=None):
         copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
         fn, args = move_or_copy, (factor, copying)
         busy = ops.logical_or(averaging, copying)
+    if state.compensated:
+        fn = move_compensated if fn is move else move_compensated_or_copy
+        entries = move_entries(state, entries)
     when = busy if state.update_every > 1 else None
     for_each(state, entries, fn, *args, when=when, joins=joins)
+
+
+def move_entries(state, entries):
+    """`entries` with each average's compensation buffer (or None, for a
+    packed one: its pack's) in place of the backup, made once per list (the
+    torch road keeps its grouping while the list stays the same)."""
+    made = state.move_entries
+    if made is None or made[0] is not entries or made[1] != len(entries):
+        compensation = state.compensation
+        made = state.move_entries = (entries, len(entries), [
+            (weight, average, compensation.get(id(average)))
+            for weight, average, _ in entries
+        ])
+    return made[2]
 
 
 def for_each(state, entries, fn, *args, when=None, joins=None):
@@ -79,8 +99,10 @@ def split_packed(entries):
     return unpacked, list(packs.values())
 
 
-def run_packed(fn, pack, chosen, joins, buffer, weights, *args):
-    """`fn` for the entries of `pack` with indices in `chosen`, at once."""
+def run_packed(fn, pack, chosen, joins, buffer, weights, compensation,
+               *args):
+    """`fn` for the entries of `pack` with indices in `chosen`, at once;
+    `compensation` is the pack's (per device, as `buffer` and `weights`)."""
     if fn is assign:
         _packing.assign(pack, buffer, weights, chosen)
         return
@@ -88,7 +110,7 @@ def run_packed(fn, pack, chosen, joins, buffer, weights, *args):
     if fn is swap:
         _packing.swap(pack, buffer, weights, args[1])
         return
-    fn(buffer, pack.join_once(weights, joins), None, *args)
+    fn(buffer, pack.join_once(weights, joins), compensation, *args)
 
 
 def path(variable):
@@ -123,6 +145,51 @@ def move_or_copy(average, weight, backup, factor, copying):
         average, ops.multiply(ops.cast(factor, average.dtype), delta)
     )
     average.assign(ops.where(copying, weight, moved))
+
+
+def move_compensated(average, weight, compensation, factor):
+    """`move`, exact to the float32 rounding of the average itself.
+
+    Each update adds a small step to a large average and float32 keeps
+    only the step's leading digits: over 10**6 updates those roundings
+    drift the average (see the performance guide). Here the average is
+    the pair `average + compensation`, and each update adds to the pair,
+    keeping the part of it the average's rounding lost in `compensation`
+    (Knuth's TwoSum, branch-free and exact for any magnitudes). A step
+    that must not move (factor 0) leaves both bit-exact.
+    """
+    new, error = _compensated_move(average, weight, compensation, factor)
+    average.assign(new)
+    compensation.assign(error)
+
+
+def move_compensated_or_copy(average, weight, compensation, factor, copying):
+    """`move_compensated`, or a real copy of the weight (and no error left)
+    where `copying` is true."""
+    new, error = _compensated_move(average, weight, compensation, factor)
+    weight = ops.cast(weight, average.dtype)
+    average.assign(ops.where(copying, weight, new))
+    compensation.assign(ops.where(copying, ops.zeros_like(error), error))
+
+
+def _compensated_move(average, weight, compensation, factor):
+    """The pair `(average, compensation)` moved by `factor` towards
+    `weight`, as its new two parts."""
+    a = ops.convert_to_tensor(average)
+    c = ops.convert_to_tensor(compensation)
+    factor = ops.cast(factor, a.dtype)
+    # Where nothing moves, the error is kept aside as it is: adding it to
+    # the average could round differently, by an ulp, and move the average.
+    moving = ops.cast(ops.not_equal(factor, 0), a.dtype)
+    delta = ops.add(ops.subtract(a, ops.cast(weight, a.dtype)), c)
+    y = ops.subtract(ops.multiply(c, moving), ops.multiply(factor, delta))
+    new = ops.add(a, y)
+    # TwoSum: `a + y - new`, exactly. XLA and grappler keep floating-point
+    # operations in order, which this needs (tests/test_long_runs.py).
+    y_part = ops.subtract(new, a)
+    a_part = ops.subtract(new, y_part)
+    error = ops.add(ops.subtract(a, a_part), ops.subtract(y, y_part))
+    return new, ops.add(error, ops.multiply(c, ops.subtract(1, moving)))
 
 
 def swap(average, weight, backup, swapped_in, is_lost):

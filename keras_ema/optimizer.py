@@ -88,11 +88,17 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             float16/bfloat16 weights and to the weight's dtype otherwise.
         exclude: Regular expressions; variables whose `path` matches one
             (`re.search`) get no average and are left alone by swaps.
+        compensated: If `True`, each average keeps the rounding error of
+            its updates in a second buffer (compensated summation) and stays
+            within float32 rounding of the exact average however long the
+            run; without, it drifts by 1e-4 to 1e-2 relative over 10**5 to
+            10**6 updates of `Uniform`, `Power` or a decay of 0.9999. Costs
+            one more buffer per average and a slower averaging update.
         name: String, the name of the optimizer.
 
     `trainable_weights_only`, `start_step`, `dynamic_decay`, `update_every`,
-    `average_dtype` and `exclude` can be changed until the averages exist;
-    after that, setting them raises.
+    `average_dtype`, `exclude` and `compensated` can be changed until the
+    averages exist; after that, setting them raises.
 
     Example:
 
@@ -117,6 +123,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         update_every=1,
         average_dtype=None,
         exclude=None,
+        compensated=False,
         name="ExponentialMovingAverage",
         **kwargs,
     ):
@@ -145,6 +152,7 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         self.update_every = update_every
         self.average_dtype = average_dtype
         self.exclude = exclude
+        self.compensated = compensated
         self.average_decay = average_decay
 
     # -- the decay ------------------------------------------------------------

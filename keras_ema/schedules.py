@@ -14,6 +14,7 @@ EDM2's power-function EMA.
 """
 
 import copy
+import math
 
 import keras
 from keras import ops
@@ -22,6 +23,8 @@ from keras_ema._schedule_base import DecaySchedule
 from keras_ema._schedule_base import check_decay as _check_decay
 from keras_ema._schedule_base import check_positive as _check_positive
 from keras_ema._schedule_base import is_real as _is_real
+from keras_ema._schedule_base import wide as _wide
+from keras_ema._schedule_base import wide_complement as _wide_complement
 from keras_ema.growing_schedules import Cosine
 from keras_ema.growing_schedules import Power
 from keras_ema.growing_schedules import Uniform
@@ -31,8 +34,8 @@ from keras_ema.growing_schedules import sigma_rel_to_gamma
 __all__ = [
     "Constant", "Cosine", "DecaySchedule", "Dynamic", "HalfLife", "Power",
     "Uniform", "Warmup", "complement", "deserialize", "gamma_to_sigma_rel",
-    "get", "number_rule", "parameters", "serialize", "sigma_rel_to_gamma",
-    "with_values",
+    "get", "number_complement", "number_rule", "parameters", "serialize",
+    "sigma_rel_to_gamma", "with_values",
 ]
 
 
@@ -63,6 +66,9 @@ class Constant(DecaySchedule):
 
     def __call__(self, step):
         return number_rule(step, self.decay, dynamic=False)
+
+    def complement(self, step):
+        return number_complement(step, self.decay, dynamic=False)
 
     def get_config(self):
         return {"decay": self.decay}
@@ -101,6 +107,9 @@ class Dynamic(DecaySchedule):
 
     def __call__(self, step):
         return number_rule(step, self.max_decay, dynamic=True)
+
+    def complement(self, step):
+        return number_complement(step, self.max_decay, dynamic=True)
 
     def get_config(self):
         return {"max_decay": self.max_decay}
@@ -159,6 +168,12 @@ class Warmup(DecaySchedule):
         decay = 1.0 - ops.power(1.0 + n / self.inv_gamma, -self.power)
         return ops.clip(decay, self.min_decay, self.max_decay)
 
+    def complement(self, step):
+        n = _wide(step)
+        rest = ops.power(1.0 + n / _wide(self.inv_gamma), -_wide(self.power))
+        return ops.clip(rest, _wide_complement(self.max_decay),
+                        _wide_complement(self.min_decay))
+
     def get_config(self):
         return {"max_decay": self.max_decay, "inv_gamma": self.inv_gamma,
                 "power": self.power, "min_decay": self.min_decay}
@@ -191,13 +206,20 @@ class HalfLife(Constant):
         self.half_life = _check_positive(owner, "half_life", half_life, "1000")
         super().__init__(0.5 ** (1.0 / self.half_life))
 
+    def complement(self, step):
+        # From the half-life: `decay` holds 0.5 ** (1 / half_life) rounded
+        # to float32, a relative error of `1 - decay` of up to 1e-7 / it.
+        if _is_real(self.half_life):
+            return -ops.expm1(_wide(-math.log(2.0) / self.half_life))
+        return -ops.expm1(-math.log(2.0) / _wide(self.half_life))
+
     def get_config(self):
         return {"half_life": self.half_life}
 
 
 def complement(schedule, n, every=1):
     """`1 - decay`: how far the averaging update after real update `n + 1`
-    since `start_step` moves the averages towards the weights.
+    since `start_step` moves the averages towards the weights, as float32.
 
     This is the one place where `update_every` meets the decay. A schedule
     that counts real updates gets `n`, and `decay ** every` stands for the
@@ -205,15 +227,21 @@ def complement(schedule, n, every=1):
     stays the same. One that counts averaging updates (`counts_averages`:
     `Uniform`, `Power`) gets `k = (n + 1) // every - 1`, the number of
     averaging updates before this one: the mean of the sampled weights is
-    not a decay raised to a power.
+    not a decay raised to a power. Computed without cancellation, in
+    `wide_float()`, and rounded to float32 once: `1 - decay ** every` as
+    `-expm1(every * log1p(-(1 - decay)))`.
     """
     if getattr(schedule, "counts_averages", False):
         k = ops.maximum(ops.subtract(ops.floor_divide(ops.add(n, 1), every), 1), 0)
         return ops.cast(schedule.complement(k), "float32")
-    decay = ops.cast(schedule(n), "float32")
+    if isinstance(schedule, DecaySchedule):
+        rest = _wide(schedule.complement(n))
+    else:
+        rest = 1.0 - _wide(ops.cast(schedule(n), "float32"))
     if every > 1:
-        decay = ops.power(decay, every)
-    return 1.0 - decay
+        # log1p(-1) is -inf: a decay of 0 stays 0.
+        rest = -ops.expm1(float(every) * ops.log1p(-rest))
+    return ops.cast(rest, "float32")
 
 
 def number_rule(step, decay, dynamic):
@@ -228,6 +256,15 @@ def number_rule(step, decay, dynamic):
         return decay
     n = ops.cast(step, "float32")
     return ops.minimum((1.0 + n) / (10.0 + n), decay)
+
+
+def number_complement(step, decay, dynamic):
+    """`1 - number_rule(step, decay, dynamic)`, in `wide_float()`: the
+    dynamic cap's `1 - (1 + n) / (10 + n)` as `9 / (10 + n)`."""
+    rest = _wide_complement(decay)
+    if not dynamic:
+        return rest
+    return ops.maximum(9.0 / (10.0 + _wide(step)), rest)
 
 
 def parameters(schedule):
