@@ -16,7 +16,7 @@ from keras_ema.optimizer import ExponentialMovingAverage
 # The settings every profile shares (`_settings.Settings`, less the decay's).
 _SHARED = (
     "trainable_weights_only", "start_step", "update_every", "average_dtype",
-    "exclude",
+    "exclude", "compensated",
 )
 
 
@@ -50,6 +50,8 @@ class PostHocEMA(ExponentialMovingAverage):
         update_every: As for `ExponentialMovingAverage`.
         average_dtype: As for `ExponentialMovingAverage`.
         exclude: As for `ExponentialMovingAverage`.
+        compensated: As for `ExponentialMovingAverage`; EDM2-style runs of
+            10**5 updates or more should turn it on.
         name: The optimizer's name.
 
     Example:
@@ -74,6 +76,7 @@ class PostHocEMA(ExponentialMovingAverage):
         update_every=1,
         average_dtype=None,
         exclude=None,
+        compensated=False,
         name="PostHocEMA",
         **kwargs,
     ):
@@ -90,6 +93,7 @@ class PostHocEMA(ExponentialMovingAverage):
             trainable_weights_only=trainable_weights_only,
             start_step=start_step, update_every=update_every,
             average_dtype=average_dtype, exclude=exclude,
+            compensated=compensated,
         )
         inner = _checks.get_optimizer(optimizer)
         for i in range(len(sigma_rels) - 1, 0, -1):

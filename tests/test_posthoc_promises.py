@@ -450,3 +450,12 @@ def test_format_1_snapshots_still_synthesize(tmp_path):
     keras_ema.synthesize(directory, model, 0.07)
     for v, w in zip(model.variables, want):
         np.testing.assert_array_equal(numpy(v), w)
+
+
+def test_compensated_applies_to_every_profile_and_round_trips():
+    opt = keras_ema.PostHocEMA(keras.optimizers.SGD(0.1),
+                               sigma_rels=(0.05, 0.10, 0.15),
+                               compensated=True)
+    assert [p.compensated for p in opt._profiles()] == [True] * 3
+    again = keras_ema.PostHocEMA.from_config(opt.get_config())
+    assert [p.compensated for p in again._profiles()] == [True] * 3
