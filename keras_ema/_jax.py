@@ -174,6 +174,27 @@ class JaxRoad(_road.Road):
         new_values = [scope.get_current_value(v) for v in variables]
         return new_trainable, keep_if_swapped(optimizer_variables, new_values)
 
+    def end_fit(self, state, var_list, iterations):
+        # The steps of this `fit` refused by changing nothing.
+        refused, state.refused = state.refused, None
+        if refused is not None:
+            # Named as the other backends name it, where `var_list` shows.
+            _step.refuse_unknown(state, var_list)
+            raise ValueError(refused)
+        # A callback may have swapped the averages in after the last epoch's
+        # steps (`swap_on_epoch=True`): only a fit that left `iterations`
+        # where the previous one ended changed nothing. A first fit refused
+        # warns when its step compiles (`stateless_apply`).
+        last = state.iterations_after_fit
+        state.iterations_after_fit = int(ops.convert_to_numpy(iterations))
+        if state.swapped_in and last == state.iterations_after_fit:
+            warnings.warn(
+                "keras-ema: this `fit` changed nothing: the averages are "
+                "swapped into the model. Instead, call "
+                "`optimizer.swap_weights()` first, or pass "
+                "`keras_ema.SwapAverageWeights()` to `fit`."
+            )
+
     def run_guarded(self, model, states, original, args):
         """The model's train step, also moving the averages of its
         non-trainable variables, and changing nothing at all while the

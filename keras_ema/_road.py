@@ -90,6 +90,10 @@ class Road:
             _update.run_packed(fn, pack, chosen, joins, pack.buffer,
                                pack.weights, pack.compensation, *args)
 
+    def end_fit(self, state, var_list, iterations):
+        """At the end of a `fit` (`finalize_variable_values`): raises what
+        steps that could not raise refused (JAX)."""
+
     # -- a model's state outside its variables (JAX) ---------------------------
 
     def is_lost(self, variable):

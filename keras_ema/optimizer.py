@@ -9,8 +9,6 @@ Each backend's road is one module (`_road.py`, `_tf.py`, `_jax.py`,
 `_torch.py`), picked once, in `_road_for_backend` below.
 """
 
-import warnings
-
 import keras
 
 from keras_ema import _atomic
@@ -406,30 +404,8 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
-        # `fit` calls this at its end with its model's weights, also on JAX,
-        # where steps it refused changed nothing.
-        state = self._ema_state
-        refused, state.refused = state.refused, None
-        if refused is not None:
-            # Named as the other backends name it, where `var_list` shows.
-            _step.refuse_unknown(state, var_list)
-            raise ValueError(refused)
-        # A callback may have swapped the averages in after the last epoch's
-        # steps (`swap_on_epoch=True`): only a fit that left `iterations`
-        # where the previous one ended changed nothing. A first fit refused
-        # warns when its step compiles (`_jax.py`).
-        if state.road.stateless:
-            last = state.iterations_after_fit
-            state.iterations_after_fit = int(
-                keras.ops.convert_to_numpy(self.iterations)
-            )
-            if state.swapped_in and last == state.iterations_after_fit:
-                warnings.warn(
-                    "keras-ema: this `fit` changed nothing: the averages are "
-                    "swapped into the model. Instead, call "
-                    "`optimizer.swap_weights()` first, or pass "
-                    "`keras_ema.SwapAverageWeights()` to `fit`."
-                )
+        # `fit` calls this at its end with its model's weights.
+        self._ema_state.road.end_fit(self._ema_state, var_list, self.iterations)
         self.inner_optimizer.finalize_variable_values(var_list)
 
     # -- saving (`_layout.py`) ------------------------------------------------
