@@ -154,9 +154,9 @@ def complement_at(state, n):
         )
     elif state.schedule_values:
         values = {k: v.value for k, v in state.schedule_values.items()}
-        if type(schedule).complement is schedules.DecaySchedule.complement:
-            # A schedule that leaves `1 - decay` to the base class computes
-            # in float32, as `DecaySchedule` asks of `__call__`.
+        if not _schedule_base.computes_complement(schedule):
+            # A schedule whose `1 - decay` is `1 - schedule(n)` computes in
+            # float32, as `DecaySchedule` asks of `__call__`.
             values = {k: keras.ops.cast(v, "float32") for k, v in values.items()}
         schedule = schedules.with_values(schedule, values)
     return schedules.complement(schedule, n, state.update_every)

@@ -133,3 +133,28 @@ class DecaySchedule:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+def computes_complement(schedule):
+    """Whether `schedule` computes its own `1 - decay` (in `wide_float()`):
+    not where `complement` is the base class's, nor where a subclass
+    redefined `__call__` below the class that defines `complement`
+    (`class Shifted(Warmup): def __call__(...)`), whose own rule must hold.
+    Those compute `1 - schedule(step)` in float32, as `__call__` does."""
+    mro = type(schedule).__mro__
+
+    def owner(name):
+        return next(k for k in mro if name in k.__dict__)
+
+    defines = owner("complement")
+    return defines is not DecaySchedule and (
+        mro.index(defines) <= mro.index(owner("__call__"))
+    )
+
+
+def own_complement(schedule, step):
+    """`1 - schedule(step)` by the schedule's own rule (see
+    `computes_complement`)."""
+    if computes_complement(schedule):
+        return schedule.complement(step)
+    return DecaySchedule.complement(schedule, step)

@@ -23,6 +23,7 @@ from keras_ema._schedule_base import DecaySchedule
 from keras_ema._schedule_base import check_decay as _check_decay
 from keras_ema._schedule_base import check_positive as _check_positive
 from keras_ema._schedule_base import is_real as _is_real
+from keras_ema._schedule_base import own_complement
 from keras_ema._schedule_base import wide as _wide
 from keras_ema._schedule_base import wide_complement as _wide_complement
 from keras_ema.growing_schedules import Cosine
@@ -233,9 +234,9 @@ def complement(schedule, n, every=1):
     """
     if getattr(schedule, "counts_averages", False):
         k = ops.maximum(ops.subtract(ops.floor_divide(ops.add(n, 1), every), 1), 0)
-        return ops.cast(schedule.complement(k), "float32")
+        return ops.cast(own_complement(schedule, k), "float32")
     if isinstance(schedule, DecaySchedule):
-        rest = _wide(schedule.complement(n))
+        rest = _wide(own_complement(schedule, n))
     else:
         rest = 1.0 - _wide(ops.cast(schedule(n), "float32"))
     if every > 1:

@@ -328,3 +328,18 @@ def test_bfloat16_weights_get_a_float32_compensation_beside_their_backup():
     opt.swap_weights()
     for a, b in zip(state(), before):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_subclass_that_redefines_the_rule_keeps_it():
+    # A built-in schedule's exact complement must not bypass a subclass's
+    # own `__call__` (tests/test_migrating.py's timm warm-up shifts `n`).
+    class Shifted(schedules.Warmup):
+        def __call__(self, step):
+            return super().__call__(step + 1)
+
+    shifted, plain = Shifted(0.999, 1.0, 0.75, 0.3), schedules.Warmup(
+        0.999, 1.0, 0.75, 0.3)
+    for n in (0, 5, 100):
+        got = float(schedules.complement(shifted, keras.ops.convert_to_tensor(n)))
+        want = float(schedules.complement(plain, keras.ops.convert_to_tensor(n + 1)))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
