@@ -146,8 +146,9 @@ def run_torch(opt, w, start, stop):
 def measure(backend, name, compensated, checkpoints):
     import numpy as np
 
-    steps = max(checkpoints)
-    opt, w = optimizer(name, steps, compensated)
+    # Cosine's horizon is the whole run of the reference, however far this
+    # run goes (`--torch-steps`).
+    opt, w = optimizer(name, max(CHECKPOINTS), compensated)
     run = globals()[f"run_{backend}"]
     done, found = 0, {}
     for point in sorted(checkpoints):
