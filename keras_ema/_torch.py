@@ -47,10 +47,7 @@ def _move_all(state, entries, factor):
     `state.torch_groups` keeps the grouping, made once: per step only the
     kernels run, on the variables' own tensors.
     """
-    plan = state.torch_groups
-    if plan is None or plan[0] is not entries or plan[1] != len(entries):
-        plan = state.torch_groups = (entries, len(entries), _groups(entries))
-    singles, groups = plan[2]
+    singles, groups = _plan(state, entries)
     for weight, average, backup in singles:
         _update.move(average, weight, backup, factor)
     # `a + f * (w - a)` is `a - f * (a - w)` exactly below one half; from
@@ -77,10 +74,7 @@ def _move_all(state, entries, factor):
 def _move_all_compensated(state, entries, factor):
     """`_update.move_compensated` for every entry, with the same operations
     in the same order, as multi-tensor kernels (bit for bit)."""
-    plan = state.torch_groups
-    if plan is None or plan[0] is not entries or plan[1] != len(entries):
-        plan = state.torch_groups = (entries, len(entries), _groups(entries))
-    singles, groups = plan[2]
+    singles, groups = _plan(state, entries)
     for weight, average, compensation in singles:
         _update.move_compensated(average, weight, compensation, factor)
     with torch.no_grad():
@@ -103,6 +97,15 @@ def _move_all_compensated(state, entries, factor):
             torch._foreach_mul_(c, 1 - moving)
             torch._foreach_add_(c, error)
             torch._foreach_copy_(a, new)
+
+
+def _plan(state, entries):
+    """`_groups(entries)`, made once per list of entries and kept in
+    `state.torch_groups`."""
+    plan = state.torch_groups
+    if plan is None or plan[0] is not entries or plan[1] != len(entries):
+        plan = state.torch_groups = (entries, len(entries), _groups(entries))
+    return plan[2]
 
 
 def _groups(entries):

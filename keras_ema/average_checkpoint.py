@@ -5,6 +5,7 @@ import keras
 from keras_ema import _binding
 from keras_ema._binding import find_in_model
 from keras_ema._files import atomic_path
+from keras_ema.callbacks import _check_sigma_rel
 from keras_ema.callbacks import _swap_out
 
 
@@ -79,13 +80,7 @@ class AverageModelCheckpoint(keras.callbacks.ModelCheckpoint):
         opt = find_in_model(self.model, "AverageModelCheckpoint")
         opt.shadow_copy(self.model)
         if self._which:
-            if not hasattr(opt, "sigma_rels"):
-                raise ValueError(
-                    "AverageModelCheckpoint does not support `sigma_rel` with "
-                    "an optimizer that keeps one average. Instead, leave "
-                    "`sigma_rel=None`, or train with `keras_ema.PostHocEMA`."
-                )
-            opt.profile(self.sigma_rel)  # raises for an untracked width
+            _check_sigma_rel(opt, self.sigma_rel, "AverageModelCheckpoint")
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)

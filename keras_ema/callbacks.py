@@ -146,13 +146,7 @@ class SwapAverageWeights(keras.callbacks.Callback):
         opt.shadow_copy(self.model)
         _swap_out(opt)
         if self._which:
-            if not hasattr(opt, "sigma_rels"):
-                raise ValueError(
-                    "SwapAverageWeights does not support `sigma_rel` with an "
-                    "optimizer that keeps one average. Instead, leave "
-                    "`sigma_rel=None`, or train with `keras_ema.PostHocEMA`."
-                )
-            opt.profile(self.sigma_rel)  # raises for an untracked width
+            _check_sigma_rel(opt, self.sigma_rel, "SwapAverageWeights")
         if self.update_bn_data is not None:
             batch_norm.check_has_layers(self.model, "SwapAverageWeights")
         _binding.install_validation(self.model, self, self._validate)
@@ -312,6 +306,17 @@ def _swap_in(opt, which):
         return False
     opt.swap_weights(**which)
     return True
+
+
+def _check_sigma_rel(opt, sigma_rel, owner):
+    """Raises unless `opt` keeps the average of `sigma_rel`."""
+    if not hasattr(opt, "sigma_rels"):
+        raise ValueError(
+            f"{owner} does not support `sigma_rel` with an optimizer that "
+            "keeps one average. Instead, leave `sigma_rel=None`, or train "
+            "with `keras_ema.PostHocEMA`."
+        )
+    opt.profile(sigma_rel)  # raises for an untracked width
 
 
 def _swap_out(opt):

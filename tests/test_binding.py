@@ -311,11 +311,9 @@ def test_a_file_loads_into_a_second_instance_with_other_layer_names(
     )
 
 
-@tensorflow_only
-def test_a_tf_checkpoint_whose_averages_belong_to_other_variables_is_refused(
-    tmp_path,
-):
-    # Today's main restored layer_a's average into layer_b's slot.
+def _checkpoint_without_layer_b(tmp_path):
+    """A trained model with `exclude=["layer_b"]`, its optimizer, and the
+    prefix of their `tf.train.Checkpoint`."""
     import tensorflow as tf
 
     model, opt = _two_layers(exclude=["layer_b"])
@@ -323,6 +321,17 @@ def test_a_tf_checkpoint_whose_averages_belong_to_other_variables_is_refused(
     prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
         str(tmp_path / "c")
     )
+    return model, opt, prefix
+
+
+@tensorflow_only
+def test_a_tf_checkpoint_whose_averages_belong_to_other_variables_is_refused(
+    tmp_path,
+):
+    # Today's main restored layer_a's average into layer_b's slot.
+    import tensorflow as tf
+
+    model, opt, prefix = _checkpoint_without_layer_b(tmp_path)
     other, other_opt = _two_layers(exclude=["layer_a"])
     other.fit(X, np.tile(Y, (1, 4)), **FIT)
     # Refused before TensorFlow writes any variable: the model's either.
@@ -342,11 +351,7 @@ def test_a_tf_checkpoint_restored_before_build_is_checked_once_built(
 ):
     import tensorflow as tf
 
-    model, opt = _two_layers(exclude=["layer_b"])
-    model.fit(X, np.tile(Y, (1, 4)), **FIT)
-    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
-        str(tmp_path / "c")
-    )
+    model, opt, prefix = _checkpoint_without_layer_b(tmp_path)
     other, other_opt = _two_layers(exclude=["layer_a"])
     tf.train.Checkpoint(model=other, optimizer=other_opt).restore(prefix)
     weights = _values(other.trainable_variables)
@@ -365,11 +370,7 @@ def test_a_tf_checkpoint_restored_before_build_is_checked_once_built(
 def test_a_tf_checkpoint_restores_into_a_second_instance(tmp_path, built):
     import tensorflow as tf
 
-    model, opt = _two_layers(exclude=["layer_b"])
-    model.fit(X, np.tile(Y, (1, 4)), **FIT)
-    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
-        str(tmp_path / "c")
-    )
+    model, opt, prefix = _checkpoint_without_layer_b(tmp_path)
     other, other_opt = _two_layers(exclude=["layer_b"])
     if built:
         other_opt.build(other.trainable_variables)
