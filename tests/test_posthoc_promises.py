@@ -457,5 +457,9 @@ def test_compensated_applies_to_every_profile_and_round_trips():
                                sigma_rels=(0.05, 0.10, 0.15),
                                compensated=True)
     assert [p.compensated for p in opt._profiles()] == [True] * 3
+    # Each profile keeps a compensation buffer per average once built.
+    weights = [keras.Variable(np.zeros((3,), "float32"))]
+    opt.build(weights)
+    assert [len(p._ema_state.compensation) for p in opt._profiles()] == [1] * 3
     again = keras_ema.PostHocEMA.from_config(opt.get_config())
     assert [p.compensated for p in again._profiles()] == [True] * 3
