@@ -26,6 +26,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_ema import _slots
 from keras_ema import _state
 from keras_ema import _update
 
@@ -62,6 +63,7 @@ def bind(optimizer, model):
             raise other_model_error(optimizer, model, known)
     for averaging in _state.averaging_chain(optimizer):
         averaging._ema_state.model = weakref.ref(model)
+        averaging._ema_state.unguarded_teacher = None
     guard_bound_model(optimizer)
 
 
@@ -161,16 +163,112 @@ def install_guard(model, optimizer):
         chain = _state.averaging_chain(getattr(model, "optimizer", None))
         if optimizer is None or not any(o is optimizer for o in chain):
             # The model was compiled with another optimizer since.
-            _remove(model, "train_step")
+            _unguard(model)
             return original(*args)
         states = [o._ema_state for o in chain]
         return states[0].road.run_guarded(model, states, original, args)
 
     _install(model, "train_step", train_step, owner=owner)
+    _install_makers(model, optimizer)
     if getattr(model, "train_function", None) is not None:
         # `make_train_function` bound the old `train_step`; rebuild it rather
         # than drop it, as `fit` builds it before `on_train_begin`.
         model.make_train_function(force=True)
+
+
+def _install_makers(model, optimizer):
+    """Wraps `model.make_train_function`, and on JAX the test and predict
+    ones too, with their steps and functions.
+
+    `fit` builds its train function first thing, eagerly: the averages of
+    an optimizer that has not updated yet start there from the weights
+    training starts with (a `Normalization` adapted, weights loaded after
+    `shadow_copy`); Keras has no hook at the start of `fit`. On JAX a
+    compiled test or predict step receives only the model's state, with no
+    hook to pass it the averages: each batch brings their values along
+    (`JaxRoad.with_averages`), which the step's wrapper hands to a teacher.
+    """
+    owner = weakref.ref(optimizer)
+    model_ref = weakref.ref(model)
+    kinds = ["train"]
+    if optimizer._ema_state.road.stateless:
+        kinds += ["test", "predict"]
+    for kind in kinds:
+        make = _original(model, f"make_{kind}_function")
+        _install(model, f"make_{kind}_function",
+                 _maker(model_ref, owner, kind, make), owner=owner)
+        if kind != "train":
+            step = _original(model, f"{kind}_step")
+            _install(model, f"{kind}_step",
+                     _step_with_averages(model_ref, step), owner=owner)
+            if getattr(model, f"{kind}_function", None) is not None:
+                make(force=True)  # built with the old step
+
+
+def _maker(model_ref, owner, kind, make):
+    def make_function(force=False):
+        model = model_ref()
+        chain = _state.averaging_chain(getattr(model, "optimizer", None))
+        optimizer = owner()
+        if optimizer is None or not any(o is optimizer for o in chain):
+            # The model was compiled with another optimizer since.
+            _unguard(model)
+            return getattr(model, f"make_{kind}_function")(force=force)
+        if kind == "train":
+            for averaging in chain:
+                _slots.restart_untrained(averaging._ema_state)
+            return make(force=force)
+        name = f"{kind}_function"
+        current = vars(model).get(name)
+        if current is not None and _owner_of(current) is optimizer and not force:
+            return current
+        _remove(model, name)
+        result = make(force=True)
+        function = getattr(model, name)
+        road = chain[0]._ema_state.road
+
+        def function_with_averages(state_values, iterator):
+            states = [
+                o._ema_state for o in
+                _state.averaging_chain(getattr(model_ref(), "optimizer", None))
+            ]
+            return function(state_values, road.with_averages(states, iterator))
+
+        _install(model, name, function_with_averages, owner=owner)
+        return function_with_averages if result is not None else None
+
+    return make_function
+
+
+def _step_with_averages(model_ref, step):
+    def step_with_averages(state_values, data):
+        model = model_ref()
+        chain = _state.averaging_chain(getattr(model, "optimizer", None))
+        if not chain:
+            return step(state_values, data)
+        states = [o._ema_state for o in chain]
+        return states[0].road.run_with_averages(
+            model, states, step, state_values, data
+        )
+
+    return step_with_averages
+
+
+def _original(model, name):
+    """`model.<name>` without a keras-ema wrapper."""
+    _remove(model, name)
+    return getattr(model, name)
+
+
+def _unguard(model):
+    """Takes off every wrapper an optimizer put on `model`."""
+    for kind in ("train", "test", "predict"):
+        _remove(model, f"make_{kind}_function")
+        _remove(model, f"{kind}_step")
+    for kind in ("test", "predict"):
+        if _owner_of(vars(model).get(f"{kind}_function")) is not None:
+            _remove(model, f"{kind}_function")
+            setattr(model, f"{kind}_function", None)
 
 
 def guard_of(model):
@@ -227,7 +325,8 @@ def guard_function(model, name, on_error):
 
     Keras' `evaluate` and `predict` have no try/finally either.
     """
-    _remove(model, name)
+    if _owner_of(vars(model).get(name)) is None:
+        _remove(model, name)  # a stale guard, of a call that raised
     function = getattr(model, name)
 
     def guarded(*args, **kwargs):

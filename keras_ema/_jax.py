@@ -22,6 +22,7 @@ variables until the fit ends. Four things need care:
   recompute them, which would copy every old weight per step.
 """
 
+import contextlib
 import warnings
 
 import jax
@@ -118,7 +119,9 @@ class JaxRoad(_road.Road):
         # An outer LossScaleOptimizer passes variables, read through its scope.
         optimizer_variables = [_read(v) for v in optimizer_variables]
         trainable_variables = [_read(v) for v in trainable_variables]
-        refused = _refusal(states[0], built_for, trainable_variables)
+        refused = next(
+            (s.unguarded_teacher for s in states if s.unguarded_teacher), None
+        ) or _refusal(states[0], built_for, trainable_variables)
         if refused is not None:
             states[0].refused = refused
             warnings.warn(f"keras-ema: this step changes nothing: {refused}",
@@ -171,12 +174,23 @@ class JaxRoad(_road.Road):
                     state, moved, _entries(state, built_for, trained=True),
                     joins=joins,
                 )
-        new_values = [scope.get_current_value(v) for v in variables]
-        return new_trainable, keep_if_swapped(optimizer_variables, new_values)
+        new_values = keep_if_swapped(
+            optimizer_variables, [scope.get_current_value(v) for v in variables]
+        )
+        # A teacher called later in the same step sees the moved averages.
+        for view in {id(s.step_values): s.step_values for s in states
+                     if s.step_values is not None}.values():
+            view.update((id(v), x) for v, x in zip(variables, new_values))
+        return new_trainable, new_values
 
     def end_fit(self, state, var_list, iterations):
+        if self.is_lost(iterations):
+            # The fit raised inside a step, before its trainer put the state
+            # back: its error is on its way, and nothing is known here.
+            return
         # The steps of this `fit` refused by changing nothing.
         refused, state.refused = state.refused, None
+        refused = refused or state.unguarded_teacher
         if refused is not None:
             # Named as the other backends name it, where `var_list` shows.
             _step.refuse_unknown(state, var_list)
@@ -205,14 +219,10 @@ class JaxRoad(_road.Road):
         # which may wrap these (`PostHocEMA`, `LossScaleOptimizer`).
         owner = model.optimizer.variables
         # A teacher call in the step reads the averages from the step's
-        # state; `stateless_apply` knows it runs in its model's step.
-        for state in states:
-            state.step_values = {id(v): x for v, x in zip(owner, before)}
-        try:
+        # state; `stateless_apply` knows it runs in its model's step. (A
+        # swapped step changes nothing: the teacher may read the averages.)
+        with _step_view(states, model, state_values, owner, before, False):
             logs, new_state = original(state_values, data)
-        finally:
-            for state in states:
-                state.step_values = None
         trainable, non_trainable, values, metrics = new_state
         for state in states:
             if state.extra:
@@ -230,6 +240,86 @@ class JaxRoad(_road.Road):
             for old, new in zip(state_values[1], non_trainable)
         ]
         return logs, (trainable, non_trainable, values, metrics)
+
+
+    # -- the compiled test and predict steps ---------------------------------
+
+    def with_averages(self, states, iterator):
+        """The batches of `iterator`, each given with the averages' values
+        of the moment, or with None while they are swapped in: a compiled
+        test or predict step receives only the model's state, and the
+        values it would read from the variables are those of its trace."""
+        holders = _holders(states)
+
+        class Batches:
+            def __next__(self):
+                data = next(iterator)
+                if any(state.swapped_in for state in states):
+                    return StepData(data, None)
+                return StepData(data, [v.value for v in holders])
+
+            def __iter__(self):
+                return self
+
+            def __getattr__(self, name):
+                return getattr(iterator, name)
+
+        return Batches()
+
+    def run_with_averages(self, model, states, original, state_values,
+                          data):
+        """`original(state_values, data)`, a test or predict step, with the
+        values `with_averages` gave the batch where a teacher reads them."""
+        if not isinstance(data, StepData):
+            return original(state_values, data)
+        values = data.averages
+        with _step_view(states, model, state_values, _holders(states),
+                        values or [], values is None):
+            return original(state_values, data.data)
+
+
+@jax.tree_util.register_pytree_node_class
+class StepData:
+    """A batch and the averages' values (None: swapped in), passed together
+    to a compiled step; a swap changes the structure, hence the trace."""
+
+    def __init__(self, data, averages):
+        self.data = data
+        self.averages = averages
+
+    def tree_flatten(self):
+        return (self.data, self.averages), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+@contextlib.contextmanager
+def _step_view(states, model, state_values, variables, values, swapped):
+    """Within the block, `call_with_averages` reads the values of a step:
+    `values` of `variables`, and the model's from the step's state."""
+    view = {id(v): x for v, x in zip(variables, values)}
+    groups = (model.trainable_variables, model.non_trainable_variables)
+    for group, given in zip(groups, state_values):
+        view.update((id(v), x) for v, x in zip(group, given))
+    for state in states:
+        state.step_values, state.step_swapped = view, swapped
+    try:
+        yield
+    finally:
+        for state in states:
+            state.step_values, state.step_swapped = None, None
+
+
+def _holders(states):
+    """The variables that hold the averages of the chain `states`."""
+    found = {}
+    for state in states:
+        for _, average, _ in state.entries:
+            holder = _packing.holder(average)
+            found[id(holder)] = holder
+    return list(found.values())
 
 
 def _refusal(state, built_for, values):

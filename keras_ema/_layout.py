@@ -56,6 +56,15 @@ def save(state, store):
 
 def load(state, store):
     keys = set(store.keys())
+    if not keys:
+        # A file without an optimizer (weights saved from a model that was
+        # not compiled): Keras' own optimizers skip it with a warning.
+        warnings.warn(
+            "keras-ema: this file holds no optimizer state; the averages "
+            "stay as they are (before the first update, `fit` starts them "
+            "from the weights just loaded)."
+        )
+        return
     if _LAYOUT not in keys:
         raise ValueError(
             "ExponentialMovingAverage cannot load this file: it holds no "

@@ -120,6 +120,11 @@ class PackedAverage:
         )
 
 
+
+def holder(average):
+    """The variable that holds `average`'s value: its pack's, or itself."""
+    return average.pack.buffer if isinstance(average, PackedAverage) else average
+
 def plan(weights, average_dtype):
     """Groups of at least two weights whose averages to pack together.
 

@@ -73,6 +73,20 @@ def start_waiting(state):
         _update.for_each(state, entries, _update.start)
 
 
+def restart_untrained(state):
+    """Sets the averages to the weights again while no real update has
+    moved them: they start from what training starts with, also when the
+    weights changed after the averages were created (a `Normalization`
+    adapted, weights loaded after `shadow_copy`). Eager, at `fit`'s start.
+    """
+    if not state.built or state.swapped_in or not state.entries:
+        return
+    if int(ops.convert_to_numpy(state.step)) != 0:
+        return
+    with state.road.eager_scope():
+        _update.for_each(state, state.entries, _update.start)
+
+
 def add_extra_averages(state, model, add_variable, take_pending):
     """The averages of the model's non-trainable variables, if asked;
     `take_pending(state, variables, model)` gives values a file left for

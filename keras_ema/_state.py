@@ -88,10 +88,19 @@ class State:
         # On JAX: `iterations` when the last `fit` ended, to tell a fit that
         # changed nothing from one after which a callback swapped averages in.
         self.iterations_after_fit = None
-        # On JAX, while a guarded train step is traced: the optimizer
-        # variables of the model's optimizer and their values in that step
-        # (what `call_with_averages` reads).
+        # While a guarded step of the model is traced (`_binding.py`): the
+        # values in that step of the averages' variables and of the model's
+        # (JAX, where a trainer keeps them outside the variables), by `id`;
+        # and whether the averages are swapped in for that step (None where
+        # only the swap flag's value when the step runs can say). What
+        # `call_with_averages` reads.
         self.step_values = None
+        self.step_swapped = None
+        # On JAX: why a teacher refused the model's train steps (its train
+        # function was built before the model was told); cleared by `bind`.
+        self.unguarded_teacher = None
+        # The model whose first teacher call created the averages.
+        self.built_by_teacher = None
 
         # Loading (`_layout.py`): saved values read before the optimizer was
         # built (`deferred`), its inner optimizer's (`deferred_inner`), and

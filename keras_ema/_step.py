@@ -45,6 +45,17 @@ def refuse_unknown(state, variables):
     of `state` was built with."""
     known = {state.var_key(v) for v in state.built_for}
     unknown = [v for v in variables if state.var_key(v) not in known]
+    if unknown and state.built_by_teacher is not None:
+        raise ValueError(
+            "ExponentialMovingAverage does not support training variables "
+            f"it was not built with: {_update.describe(unknown)}. Its "
+            "averages were created by the first `call_with_averages("
+            f"{state.built_by_teacher})`, for that model's weights only. "
+            "Instead, for a teacher made of several models, create the "
+            "averages of every variable it trains before the first teacher "
+            "call: `optimizer.build(encoder.trainable_variables + "
+            "head.trainable_variables)` (in the order the steps pass them)."
+        )
     if unknown:
         model = state.bound_model()
         raise ValueError(
