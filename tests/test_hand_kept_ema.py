@@ -176,3 +176,45 @@ def test_keras_ema_defaults_differ_from_the_hand_kept_ema_network(hand_kept):
     x, _ = regression_data(16, seed=1)
     teacher = numpy(opt.call_with_averages(model, x, training=False))
     assert np.abs(teacher - hand_kept["output"]).max() > 1e-3
+
+
+class TeacherAfterTheUpdate(keras.Model):
+    """Logs, from inside its train step, the teacher's output once the
+    optimizer has run: where a hand-kept EMA network would still hold the
+    previous step's averages."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x, training=False):
+        return self.dense(x)
+
+    def train_step(self, *args):
+        data = args[-1]
+        result = super().train_step(*args)
+        logs = result[0] if BACKEND == "jax" else result
+        teacher = self.optimizer.call_with_averages(self, data[0][:4])
+        logs = {**logs, "teacher": keras.ops.sum(teacher)}
+        return (logs, result[1]) if BACKEND == "jax" else logs
+
+
+@pytest.mark.xfail(
+    BACKEND == "jax", strict=True,
+    reason="issue 25 point 1: lead's fix (on JAX a teacher in the train "
+    "step reads the averages the step began with)")
+def test_averages_move_inside_apply_gradients_before_the_rest_of_the_step():
+    # docs/semantics.md: code after `apply_gradients` in the same step sees
+    # the averages of this step's update.
+    model = TeacherAfterTheUpdate()
+    opt = keras_ema.ExponentialMovingAverage(
+        keras.optimizers.SGD(0.1), average_decay=0.5, dynamic_decay=False)
+    model.compile(optimizer=opt, loss="mse")
+    x, y = regression_data(16)
+    model(x)  # builds the Dense
+    for _ in range(3):
+        before = numpy(opt.call_with_averages(model, x[:4])).sum()
+        logs = model.train_on_batch(x, y, return_dict=True)
+        after = numpy(opt.call_with_averages(model, x[:4])).sum()
+        assert abs(after - before) > 1e-2  # the step moved the averages
+        assert logs["teacher"] == pytest.approx(after, rel=1e-6, abs=1e-6)
