@@ -183,6 +183,13 @@ def runs():
     return hand_kept, ported
 
 
+# How close: the averages of the two runs are a few float32 roundings apart
+# (tests/test_hand_kept_ema.py bounds them: ~1e-7 of the weights' scale
+# here); the sampler divides by signal rates down to 0.02, so the images
+# agree to ~1e-6 of their scale, the validation losses (means over 32 images)
+# to ~1e-7. Both tolerances leave a factor of 10; what they must tell apart
+# (one epoch's averages from the next's, the raw weights) differs by 1e-3
+# of the losses and 1e-2 of the images, or more.
 def test_generation_from_the_averages_is_the_hand_kept_networks(runs):
     hand_kept, ported = runs
     assert len(ported["generated"]) == EPOCHS
@@ -196,7 +203,8 @@ def test_generation_from_the_averages_is_the_hand_kept_networks(runs):
     # What the sampler sees changes every epoch, and is not the raw weights.
     for a, b in zip(ported["generated"], ported["generated"][1:]):
         assert np.abs(a - b).max() > 1e-2
-    assert np.abs(ported["generated"][-1] - ported["raw_generated"]).max() > 1e-2
+    raw_off = np.abs(ported["generated"][-1] - ported["raw_generated"]).max()
+    assert raw_off > 1e-2
 
 
 @pytest.mark.xfail(
@@ -204,10 +212,12 @@ def test_generation_from_the_averages_is_the_hand_kept_networks(runs):
     reason="issue 25 point 1: lead's fix (on JAX the compiled test step "
     "keeps the averages of its first trace)")
 def test_validation_through_the_teacher_is_the_hand_kept_networks(runs):
+    # Keras' own test step calls `model(x, training=False)`: the teacher in
+    # the port, the EMA network in keras-io's program.
     hand_kept, ported = runs
     print("val_loss", hand_kept["val_loss"], ported["val_loss"])
     np.testing.assert_allclose(ported["val_loss"], hand_kept["val_loss"],
-                               rtol=1e-5)
+                               rtol=1e-6)
     # Each epoch validates other averages, and not the raw weights.
-    assert len(set(hand_kept["val_loss"])) == EPOCHS
+    assert min(np.abs(np.diff(hand_kept["val_loss"]))) > 1e-3
     assert abs(ported["raw_val_loss"] - ported["val_loss"][-1]) > 1e-3
