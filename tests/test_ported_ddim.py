@@ -5,7 +5,7 @@ The keras-io program (examples/generative/ddim.py) trains a U-Net with
 BatchNorm to predict the noise of noisy images, validates with the EMA
 network (its `test_step` calls `denoise(training=False)`) and samples with
 it (`reverse_diffusion`). Here the network is a one-block U-Net on 8x8
-digits, the EMA decay 0.9 over 12 updates (keras-io: 0.999 over thousands),
+digits, the EMA decay 0.9 over 8 updates (keras-io: 0.999 over thousands),
 and the noise and diffusion times are drawn once in NumPy and passed as
 data, so that both runs see the same ones on every backend. The port is
 checked against the hand-kept network computed in the same test with the
@@ -27,7 +27,7 @@ from test_hand_kept_ema import HandKept
 import keras_ema
 
 DECAY = 0.9
-EPOCHS, BATCH = 3, 32
+EPOCHS, BATCH = 2, 32
 MIN_SIGNAL_RATE, MAX_SIGNAL_RATE = 0.02, 0.95
 SAMPLING_STEPS = 5
 
