@@ -201,10 +201,6 @@ class TeacherAfterTheUpdate(keras.Model):
         return (logs, result[1]) if BACKEND == "jax" else logs
 
 
-@pytest.mark.xfail(
-    BACKEND == "jax", strict=True,
-    reason="issue 25 point 1: lead's fix (on JAX a teacher in the train "
-    "step reads the averages the step began with)")
 def test_averages_move_inside_apply_gradients_before_the_rest_of_the_step():
     # docs/semantics.md: code after `apply_gradients` in the same step sees
     # the averages of this step's update.

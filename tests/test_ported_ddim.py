@@ -207,10 +207,6 @@ def test_generation_from_the_averages_is_the_hand_kept_networks(runs):
     assert raw_off > 1e-2
 
 
-@pytest.mark.xfail(
-    BACKEND == "jax", strict=True,
-    reason="issue 25 point 1: lead's fix (on JAX the compiled test step "
-    "keeps the averages of its first trace)")
 def test_validation_through_the_teacher_is_the_hand_kept_networks(runs):
     # Keras' own test step calls `model(x, training=False)`: the teacher in
     # the port, the EMA network in keras-io's program.
