@@ -79,3 +79,28 @@ def test_ci_runs_the_readme_test_command():
     assert demo.startswith("pip install -e ") and "keras_ema.demo" in demo
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert tests in ci
+
+
+def test_the_backend_extras_state_floors_and_the_tests_pin_the_cpu_build():
+    extras = "options.extras_require"
+    # A pin in a user's extra replaces the PyTorch they have (often a CUDA
+    # build); only the test environment pins, to PyTorch's CPU build.
+    for backend in ("tensorflow", "jax", "torch"):
+        (requirement,) = _lines(extras, backend)
+        assert re.fullmatch(rf"{backend}>=[\d.]+", requirement), requirement
+    assert "torch==2.13.0" in _lines(extras, "test")
+    jax_floor = floor("jax", _lines(extras, "jax"))
+    assert jax_floor == floor("jax", _lines(extras, "test"))
+    assert f"JAX {jax_floor} or later" in README
+    assert f"with JAX {jax_floor} (`.ci/floor`)" in README
+    assert f"PyTorch {floor('torch', _lines(extras, 'torch'))} or later" in README
+    assert "pinned to the CPU build of 2.13.0, for the tests only" in README
+
+
+def test_ci_runs_the_floor_from_the_wheel_and_checks_the_torch_extra():
+    ci = (ROOT / ".ci" / "run").read_text()
+    floor_script = (ROOT / ".ci" / "floor").read_text()
+    assert "bash .ci/floor" in ci and "bash .ci/torch-extra" in ci
+    assert 'bash .ci/wheel "$venv/bin/python"' in floor_script
+    assert "KERAS_BACKEND=jax" in floor_script
+    assert ".ci/smoke.py" in floor_script
