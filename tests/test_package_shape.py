@@ -82,3 +82,21 @@ def test_the_cycle_check_finds_a_function_level_cycle(tmp_path):
     (package / "b.py").write_text("def f():\n    from pkg import a\n")
     (package / "c.py").write_text("import pkg.a\n")
     assert _cycles(_graph(package)) == [["pkg.a", "pkg.b"]]
+
+
+def test_the_examples_use_only_public_names():
+    # What a user copies from them must not reach into private modules.
+    private = {
+        name for path in (PACKAGE / "examples").glob("*.py")
+        for name in _imports(path, _graph_names())
+        if any(part.startswith("_") for part in name.split(".")[1:])
+    }
+    assert private == set()
+
+
+def _graph_names():
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        names.add(".".join(parts))
+    return names

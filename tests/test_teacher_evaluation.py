@@ -75,7 +75,7 @@ def test_val_loss_of_a_teacher_is_that_of_the_averages_of_the_moment(
     callbacks = [moments]
     if log_raw:
         callbacks.insert(0, keras_ema.SwapAverageWeights(log_raw_metrics=True))
-    model.fit(x, y, epochs=3, batch_size=8, validation_data=(xv, yv),
+    model.fit(x, y, epochs=2, batch_size=8, validation_data=(xv, yv),
               validation_batch_size=16, callbacks=callbacks, verbose=0)
     for logs, raw, averages in moments.seen:
         raw_pred, avg_pred = _forward(raw, xv), _forward(averages, xv)
@@ -297,3 +297,16 @@ def test_a_teacher_in_a_jax_step_the_optimizer_was_not_told_of_is_refused():
     opt.shadow_copy(model)  # what the error says
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     assert not np.array_equal(numpy(model.variables[0]), before[0])
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the JAX trainer's state")
+def test_an_error_inside_a_jax_fit_step_surfaces_as_itself():
+    class Failing(keras.Sequential):
+        def compute_loss(self, *args, **kwargs):
+            raise RuntimeError("the user's own error")
+
+    model = Failing(small_model().layers)
+    model.compile(optimizer=keras_ema.ExponentialMovingAverage("sgd"))
+    x, y = regression_data(16)
+    with pytest.raises(RuntimeError, match="the user's own error"):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
