@@ -130,7 +130,15 @@ class TensorFlowRoad(_road.Road):
         if not flags:
             # Built in this very trace (a lazily built model): not swapped.
             return original(*args)
-        return original(*self.gate(flags, _step.SWAPPED_IN, args))
+        # The step runs only with the averages out: a teacher in it needs
+        # no choice at run time.
+        for state in states:
+            state.step_swapped = False
+        try:
+            return original(*self.gate(flags, _step.SWAPPED_IN, args))
+        finally:
+            for state in states:
+                state.step_swapped = None
 
     # -- the averages' updates ------------------------------------------------
 
