@@ -1,7 +1,7 @@
 """The demos' task: scikit-learn's digits and a small CNN.
 
-Shared by the demo, the post-hoc demo and the notebooks (the mean-teacher
-example builds its own from public names). `start` begins such a program:
+Shared by the demo (which makes it public), the post-hoc demo, the
+mean-teacher example and the notebooks. `start` begins such a program:
 one line if its extra is missing, then the backend's devices started with
 TensorFlow's notices hidden.
 """

@@ -11,8 +11,8 @@ Trains on scikit-learn's digits (nothing is downloaded):
     python -m keras_ema.examples.mean_teacher    # about 15 s on 2 CPU cores
 
 Uses keras-ema's public API only (`ExponentialMovingAverage`, `schedules`,
-`SwapAverageWeights`), and `keras_ema.demo.start` to start as keras-ema's
-other programs do.
+`SwapAverageWeights`), and the demo's public task (`keras_ema.demo`: the
+digits, the CNN, `start`).
 """
 
 import argparse
@@ -22,40 +22,6 @@ import keras
 from keras import ops
 
 import keras_ema
-
-# SGD's `global_clipnorm`, as in keras-ema's demo: at this learning rate an
-# occasional seed blows up without it.
-CLIPNORM = 5.0
-
-
-def load_digits(seed=0):
-    """scikit-learn's digits as 8x8x1 float32 images in [0, 1]: a stratified
-    split, three quarters to train, `(x, y), (x_val, y_val)`."""
-    from sklearn import datasets
-    from sklearn.model_selection import train_test_split
-
-    x, y = datasets.load_digits(return_X_y=True)
-    x = (x / 16.0).astype("float32").reshape(-1, 8, 8, 1)
-    x, x_val, y, y_val = train_test_split(
-        x, y, test_size=0.25, stratify=y, random_state=seed)
-    return (x, y), (x_val, y_val)
-
-
-def build_student():
-    """The student: a small CNN for 8x8 grey images, 10 class probabilities."""
-    return keras.Sequential(
-        [
-            keras.Input((8, 8, 1)),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ],
-        name="digits_cnn",
-    )
-
 
 @keras.saving.register_keras_serializable(package="keras_ema_examples")
 class MeanTeacher(keras.Model):
@@ -116,10 +82,12 @@ def build(steps, learning_rate=0.05, consistency=1.0, jit_compile="auto"):
     """A compiled `MeanTeacher` on the digits' CNN, teacher decay from 0.9
     to 0.999 over `steps` updates (BYOL rises from 0.996 to 1 over runs a
     hundred times longer)."""
-    model = MeanTeacher(build_student(), consistency=consistency)
+    from keras_ema import demo
+
+    model = MeanTeacher(demo.build_model(), consistency=consistency)
     optimizer = keras_ema.ExponentialMovingAverage(
         keras.optimizers.SGD(learning_rate, momentum=0.9,
-                             global_clipnorm=CLIPNORM),
+                             global_clipnorm=demo.CLIPNORM),
         average_decay=keras_ema.schedules.Cosine(0.9, 0.999, steps=steps),
     )
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
@@ -141,7 +109,7 @@ def main(argv=None):
     # One line if scikit-learn is missing; TensorFlow's notices hidden.
     demo.start(parser.prog)
     keras.utils.set_random_seed(0)
-    (x, y), (x_val, y_val) = load_digits()
+    (x, y), (x_val, y_val) = demo.load_digits()
     steps = args.epochs * -(-len(x) // args.batch_size)
     model = build(steps)
     model.fit(x, y, batch_size=args.batch_size, epochs=args.epochs,
