@@ -65,16 +65,18 @@ def call_with_averages(optimizer, model, args, kwargs):
         swapped = ops.not_equal(state.swapped, 0)
     mapping = []
     for variable in model.variables:
-        # Read here, in the caller's scope: inside a trainer's stateless
-        # step that is the variable's value in this step.
-        value = _current(state, variable, values)
         i = state.index.get(state.var_key(variable))
-        if i is not None and swapped is not True:
-            average = _read(state.entries[i][1], values)
-            value = (
-                average if swapped is False
-                else ops.where(swapped, ops.cast(value, average.dtype), average)
-            )
+        if i is not None and swapped is False:
+            value = _read(state.entries[i][1], values)
+        else:
+            # Read here, in the caller's scope: inside a trainer's stateless
+            # step that is the variable's value in this step.
+            value = _current(state, variable, values)
+            if i is not None and swapped is not True:
+                average = _read(state.entries[i][1], values)
+                value = ops.where(
+                    swapped, ops.cast(value, average.dtype), average
+                )
         mapping.append((variable, ops.stop_gradient(value)))
     with keras.StatelessScope(state_mapping=mapping):
         return model(*args, **kwargs)
