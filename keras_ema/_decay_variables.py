@@ -16,6 +16,7 @@ import numpy as np
 
 from keras_ema import _checks
 from keras_ema import _schedule_base
+from keras_ema import bema
 from keras_ema import schedules
 
 _FROZEN = (
@@ -25,6 +26,15 @@ _FROZEN = (
     "a number was set, or a schedule of the class in use (its `parameters` "
     "are read from variables), or create the optimizer with this "
     "`average_decay`."
+)
+
+
+_BEMA_FIXED = (
+    "ExponentialMovingAverage does not support switching to or from "
+    "`schedules.BEMA` once the averages exist: BEMA's averages keep their "
+    "EMA and starting weights in variables created with them. Received: "
+    "average_decay={!r}. Instead, create the optimizer with the rule it "
+    "keeps."
 )
 
 
@@ -41,6 +51,9 @@ def set_decay(state, value, add_variable):
             schedules.get(value), state.road.eager_scope
         )
     old = state.schedule
+    if state.built and bema.is_bema(schedule) != state.bias_corrected:
+        raise ValueError(_BEMA_FIXED.format(value))
+    bema.check_settings(schedule, state.compensated)
     if state.trained and not (
         (number and old is None) or _same_rule(schedule, old)
     ):
@@ -143,20 +156,32 @@ def _add(state, add_variable, name, value):
 def complement_at(state, n):
     """`1 - decay` of the averaging update after real update `n + 1` since
     `start_step`, read from the variables (`schedules.complement`)."""
+    return schedules.complement(_read(state), n, state.update_every)
+
+
+def bias_correction_at(state, t):
+    """BEMA's `(beta_t, alpha_t)` for `t` real updates since averaging
+    started, read from the variables (`bema.BEMA.coefficients`)."""
+    return _read(state).coefficients(t)
+
+
+def _read(state):
+    """The schedule in use, with the values of the variables that hold its
+    parameters."""
     schedule = state.schedule
     # Values, not variables: plain arithmetic on a variable inside a
     # traced JAX step is refused.
     if schedule is None:
         rule = (schedules.Dynamic if state.dynamic_decay
                 else schedules.Constant)(0.0)
-        schedule = schedules.with_values(
+        return schedules.with_values(
             rule, {schedules.parameters(rule)[0]: state.decay.value}
         )
-    elif state.schedule_values:
+    if state.schedule_values:
         values = {k: v.value for k, v in state.schedule_values.items()}
         if not _schedule_base.computes_complement(schedule):
             # A schedule whose `1 - decay` is `1 - schedule(n)` computes in
             # float32, as `DecaySchedule` asks of `__call__`.
             values = {k: keras.ops.cast(v, "float32") for k, v in values.items()}
         schedule = schedules.with_values(schedule, values)
-    return schedules.complement(schedule, n, state.update_every)
+    return schedule

@@ -120,7 +120,7 @@ def take_pending(state, new, model):
     wanted = [
         _entry(v, dtype, role, True, _position(model.non_trainable_variables, v))
         for v in new
-        for dtype, role in zip(_slots.slot_dtypes(state, v), ("average", "raw"))
+        for dtype, role in _slots.slot_roles(state, v)
     ]
     if [_key(e, _identity(layouts)) for e in wanted] != [
         _key(e, _identity(layouts)) for e in layouts
@@ -168,7 +168,9 @@ def _saved(state):
     non_trainable = _non_trainable(state)
     slots, extra = [], []
     for weight, average, backup in state.entries:
-        for slot, role in ((average, "average"), (backup, "raw")):
+        companion = state.companions.get(id(average))
+        for slot, role in ((average, "average"), (backup, "raw"),
+                           (companion, "bema")):
             if slot is None:
                 continue
             stored.add(id(slot))
@@ -187,6 +189,7 @@ def _saved(state):
         "averages": [e for _, e in slots] + [e for _, e in extra],
         "trainable_weights_only": state.trainable_weights_only,
         "exclude": [p.pattern for p in state.exclude],
+        "bias_corrected": state.bias_corrected,
     }
     variables = own + [s for s, _ in slots] + [s for s, _ in extra]
     if state.pending is not None:
@@ -205,7 +208,7 @@ def _restore(state, layout, values):
     if not layout["built"]:
         # Saved before the averages existed: they start from the weights.
         _assign_own(own, own_values)
-        _update.for_each(state, state.entries, _update.start)
+        _update.start_averages(state, state.entries)
         return
     saved, saved_extra, mine_extra = _check(state, layout, current_layout)
     slots = current[len(own):]
@@ -279,7 +282,7 @@ def check_checkpoint(state, written=True):
     except ValueError:
         state.checkpoint_layout = None
         if written:
-            _update.for_each(state, state.entries, _update.start)
+            _update.start_averages(state, state.entries)
         raise
     if mine_extra or not saved_extra:
         # Else the averages of non-trainable variables are checked once
@@ -311,10 +314,12 @@ def _compare(layout, current_layout, saved, mine, variables):
     if [_key(e, identity) for e in saved] == [_key(e, identity) for e in mine]:
         return
     settings = ""
-    for name in ("exclude", "trainable_weights_only"):
-        if layout.get(name) != current_layout[name]:
+    for name in ("exclude", "trainable_weights_only", "bias_corrected"):
+        # Files of keras-ema before 0.4 hold no BEMA companions.
+        saved_value = layout.get(name, False if name == "bias_corrected" else None)
+        if saved_value != current_layout[name]:
             settings += (
-                f" The file was saved with {name}={layout.get(name)!r}, this "
+                f" The file was saved with {name}={saved_value!r}, this "
                 f"optimizer has {name}={current_layout[name]!r}."
             )
     if identity:

@@ -39,7 +39,8 @@ def slot_dtypes(state, variable):
 def add_averages(state, weights, add_variable):
     """The averages of `weights`, packed where the road packs them."""
     packed = {}
-    if state.road.packs_averages:
+    # A BEMA average moves with its companion (`bema.move`), one by one.
+    if state.road.packs_averages and not state.bias_corrected:
         for group in _packing.plan(
             weights, lambda v: slot_dtypes(state, v)[0]
         ):
@@ -70,7 +71,7 @@ def start_waiting(state):
     state.todo = []
     entries = [e for e in state.entries if id(e[0]) in todo]
     with road.eager_scope():
-        _update.for_each(state, entries, _update.start)
+        _update.start_averages(state, entries)
 
 
 def restart_untrained(state):
@@ -84,7 +85,7 @@ def restart_untrained(state):
     if int(ops.convert_to_numpy(state.step)) != 0:
         return
     with state.road.eager_scope():
-        _update.for_each(state, state.entries, _update.start)
+        _update.start_averages(state, state.entries)
 
 
 def add_extra_averages(state, model, add_variable, take_pending):
@@ -140,10 +141,50 @@ def add_average(state, variable, add_variable, saved=None, extra=False):
                 layout=getattr(variable, "_layout", None),
             ))
     _add_entry(state, variable, slots)
+    companion = add_companion(state, slots[0], variable, add_variable, saved)
     if extra:
-        state.extra.extend(slots)
+        state.extra.extend(slots + [companion] * (companion is not None))
     add_compensation(state, slots[0], variable, add_variable,
                      f"average_{len(state.entries) - 1}")
+
+
+def add_companion(state, average, variable, add_variable, saved=None):
+    """With a BEMA decay, the companion of `average`: `[ema, theta_0]`
+    (`bema.py`), both starting as the weight (or the next of `saved`);
+    else None. Saved beside the averages (`_layout.py`, role "bema")."""
+    if not state.bias_corrected:
+        return None
+    road = state.road
+    value = None if saved is None else next(saved)
+
+    def initializer(shape, dtype):
+        if value is not None:
+            return ops.cast(value, dtype)
+        if not road.initialized(variable):
+            return ops.zeros(shape, dtype)  # started by `start_waiting`
+        weight = ops.cast(_value(variable), dtype)
+        return ops.stack([weight, weight])
+
+    with road.eager_scope(), road.colocate_with(state, variable):
+        companion = add_variable(
+            shape=(2, *variable.shape),
+            initializer=initializer,
+            dtype=average.dtype,
+            name=f"{_update.path(variable).replace('/', '_')}_bema",
+            layout=None,
+        )
+    state.companions[id(average)] = companion
+    return companion
+
+
+def slot_roles(state, variable):
+    """`(dtype, role)` of each slot a file holds for `variable`'s average,
+    in order: the average, the raw backup if any, the BEMA companion."""
+    dtypes = slot_dtypes(state, variable)
+    roles = list(zip(dtypes, ("average", "raw")))
+    if state.bias_corrected:
+        roles.append((dtypes[0], "bema"))
+    return roles
 
 
 def _add_pack(state, weights, add_variable):

@@ -70,6 +70,10 @@ class State:
         # and the entries as the moves take them (`_update.move_entries`).
         self.compensation = {}
         self.move_entries = None
+        # With a `schedules.BEMA` decay (fixed by `build`): each average's
+        # companion `[ema, theta_0]` (`bema.py`), by the average's `id`.
+        self.bias_corrected = False
+        self.companions = {}
         # On torch: the entries grouped for the multi-tensor kernels.
         self.torch_groups = None
 

@@ -10,13 +10,16 @@ for many entries through the backend's road, once per pack for packed
 averages (`_packing.py`). With `compensated`, the moves are
 `move_compensated` and `move_compensated_or_copy`, whose third variable is
 the average's compensation buffer instead of the backup (which no move
-reads): `move_entries` gives the entries so.
+reads): `move_entries` gives the entries so. With a `schedules.BEMA` decay,
+the moves are `bema.move`, whose third variable is the average's companion
+`[ema, theta_0]`, and `start_averages` starts the companions too.
 """
 
 from keras import ops
 
 from keras_ema import _decay_variables
 from keras_ema import _packing
+from keras_ema import bema
 
 
 def update_averages(state, moved, entries=None, joins=None):
@@ -55,18 +58,39 @@ def move_averages(state, entries, moved, step, joins=None):
         fn = move_compensated if fn is move else move_compensated_or_copy
         entries = move_entries(state, entries)
     when = busy if state.update_every > 1 else None
+    if state.bias_corrected:
+        # `t`: the real updates since averaging started; where nothing
+        # averages, any `t >= 1` (the selects in `bema.move` drop it).
+        beta, alpha = _decay_variables.bias_correction_at(
+            state, ops.maximum(since_start, 1)
+        )
+        copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
+        fn, args = bema.move, (beta, alpha, averaging, copying)
+        entries = move_entries(state, entries)
     for_each(state, entries, fn, *args, when=when, joins=joins)
 
 
+def start_averages(state, entries):
+    """Sets the averages of `entries` to their weights (with BEMA, their
+    companions too): where averages start."""
+    if state.bias_corrected:
+        for_each(state, move_entries(state, entries), bema.start)
+    else:
+        for_each(state, entries, start)
+
+
 def move_entries(state, entries):
-    """`entries` with each average's compensation buffer (or None, for a
-    packed one: its pack's) in place of the backup, made once per list (the
-    torch road keeps its grouping while the list stays the same)."""
+    """`entries` with each average's second buffer in place of the backup:
+    its compensation buffer (or None, for a packed one: its pack's), or its
+    BEMA companion; made once per list (the torch road keeps its grouping
+    while the list stays the same)."""
     made = state.move_entries
     if made is None or made[0] is not entries or made[1] != len(entries):
-        compensation = state.compensation
+        buffers = state.companions if state.bias_corrected else (
+            state.compensation
+        )
         made = state.move_entries = (entries, len(entries), [
-            (weight, average, compensation.get(id(average)))
+            (weight, average, buffers.get(id(average)))
             for weight, average, _ in entries
         ])
     return made[2]

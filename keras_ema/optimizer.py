@@ -21,6 +21,7 @@ from keras_ema import _slots
 from keras_ema import _state
 from keras_ema import _step
 from keras_ema import _swapping
+from keras_ema import bema
 from keras_ema import teacher
 
 
@@ -175,6 +176,8 @@ class ExponentialMovingAverage(_settings.Settings, keras.optimizers.Optimizer):
             return
         state = self._ema_state
         var_list = list(var_list)
+        bema.check_settings(state.schedule, state.compensated)
+        state.bias_corrected = bema.is_bema(state.schedule)
         # Created eagerly, also when `fit` builds the optimizer while tracing
         # its step, so that values loaded before (a file read into an
         # optimizer not built yet) can be restored right away.

@@ -10,7 +10,8 @@ min_decay)` is `clip(1 - (1 + n / inv_gamma) ** -power, min_decay, max_decay)`;
 `Cosine(initial_decay, final_decay, steps)`, BYOL's teacher schedule, and
 `Uniform()` and `Power(sigma_rel)`, which count averaging updates instead
 (see `complement`): the equal-weight mean of stochastic weight averaging, and
-EDM2's power-function EMA.
+EDM2's power-function EMA. In `bema.py`: `BEMA()`, the bias-corrected EMA,
+whose averages also keep their EMA and the weights averaging started from.
 """
 
 import copy
@@ -26,6 +27,7 @@ from keras_ema._schedule_base import is_real as _is_real
 from keras_ema._schedule_base import own_complement
 from keras_ema._schedule_base import wide as _wide
 from keras_ema._schedule_base import wide_complement as _wide_complement
+from keras_ema.bema import BEMA
 from keras_ema.growing_schedules import Cosine
 from keras_ema.growing_schedules import Power
 from keras_ema.growing_schedules import Uniform
@@ -33,7 +35,7 @@ from keras_ema.growing_schedules import gamma_to_sigma_rel
 from keras_ema.growing_schedules import sigma_rel_to_gamma
 
 __all__ = [
-    "Constant", "Cosine", "DecaySchedule", "Dynamic", "HalfLife", "Power",
+    "BEMA", "Constant", "Cosine", "DecaySchedule", "Dynamic", "HalfLife", "Power",
     "Uniform", "Warmup", "complement", "deserialize", "gamma_to_sigma_rel",
     "get", "number_complement", "number_rule", "parameters", "serialize",
     "sigma_rel_to_gamma", "with_values",
