@@ -21,7 +21,7 @@ from keras_ema.snapshots import PostHocSnapshots  # noqa: E402
 from keras_ema.sweep import sweep_sigma_rel  # noqa: E402
 from keras_ema.synthesis import synthesize  # noqa: E402
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AverageModelCheckpoint",

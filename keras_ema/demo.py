@@ -12,6 +12,7 @@ model:
     python -m keras_ema.demo          # about 20 seconds on 2 CPU cores
     python -m keras_ema.demo --help
     python -m keras_ema.demo --posthoc  # keras_ema.posthoc_demo instead
+    python -m keras_ema.demo --compare  # keras_ema.compare_demo instead
 
 Needs scikit-learn and matplotlib (`pip install -e ".[demo]"` in keras-ema's
 clone), imported only when the demo runs; without them it says so in one
@@ -255,6 +256,11 @@ def _parser():
                         help="run the post-hoc EMA demo instead (python -m "
                              "keras_ema.posthoc_demo), passing it the other "
                              "arguments: --posthoc --help lists its own")
+    parser.add_argument("--compare", action="store_true",
+                        help="run the comparison demo instead (python -m "
+                             "keras_ema.compare_demo: raw, EMA, BEMA, LAWA "
+                             "and post-hoc EMA side by side), passing it the "
+                             "other arguments")
     return parser
 
 
@@ -267,6 +273,11 @@ def main(argv=None):
 
         argv.remove("--posthoc")
         return posthoc_demo.main(argv)
+    if "--compare" in argv:
+        from keras_ema import compare_demo
+
+        argv.remove("--compare")
+        return compare_demo.main(argv)
     args = _parser().parse_args(argv)
     start("python -m keras_ema.demo")
     os.makedirs(args.output_dir, exist_ok=True)
