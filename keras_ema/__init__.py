@@ -18,6 +18,7 @@ from keras_ema.loading import load_averaged  # noqa: E402
 from keras_ema.optimizer import ExponentialMovingAverage  # noqa: E402
 from keras_ema.posthoc_ema import PostHocEMA  # noqa: E402
 from keras_ema.snapshots import PostHocSnapshots  # noqa: E402
+from keras_ema.soup import greedy_soup, soup  # noqa: E402
 from keras_ema.sweep import sweep_sigma_rel  # noqa: E402
 from keras_ema.synthesis import synthesize  # noqa: E402
 
@@ -30,8 +31,10 @@ __all__ = [
     "PostHocSnapshots",
     "SwapAverageWeights",
     "export_averaged",
+    "greedy_soup",
     "load_averaged",
     "schedules",
+    "soup",
     "sweep_sigma_rel",
     "synthesize",
     "update_bn",
