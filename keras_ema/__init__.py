@@ -13,6 +13,7 @@ from keras_ema import schedules  # noqa: E402
 from keras_ema.average_checkpoint import AverageModelCheckpoint  # noqa: E402
 from keras_ema.batch_norm import update_bn  # noqa: E402
 from keras_ema.callbacks import SwapAverageWeights  # noqa: E402
+from keras_ema.checkpoint_averaging import CheckpointAveraging  # noqa: E402
 from keras_ema.export import export_averaged  # noqa: E402
 from keras_ema.loading import load_averaged  # noqa: E402
 from keras_ema.optimizer import ExponentialMovingAverage  # noqa: E402
@@ -26,6 +27,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "AverageModelCheckpoint",
+    "CheckpointAveraging",
     "ExponentialMovingAverage",
     "PostHocEMA",
     "PostHocSnapshots",
