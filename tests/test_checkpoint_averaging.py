@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import keras_ema
-from conftest import bits, numpy, regression_data, small_model
+from conftest import BACKEND, bits, numpy, regression_data, small_model
 from keras_ema import CheckpointAveraging
 
 
@@ -282,3 +282,29 @@ def test_sweep_shows_the_lawa_average_beside_the_widths(tmp_path):
         with pytest.raises(ValueError, match=match + ".*Instead"):
             keras_ema.sweep_sigma_rel(tmp_path / "snapshots", model, [0.05],
                                       (x_val, y_val), lawa=bad)
+
+
+def test_counts_real_updates_and_skips_no_multiple(tmp_path):
+    # 16 batches, 8 real updates (gradient accumulation over 2 batches). With
+    # 4 batches per execution, the batch ends come at 2, 4, 6 and 8 updates:
+    # the first at or past each multiple of 3 writes, at the count it
+    # reached. Keras' torch trainer runs one batch per execution.
+    per_execution = 1 if BACKEND == "torch" else 4
+    x, y = regression_data(32)
+    model = small_model()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
+        loss="mse", steps_per_execution=per_execution)
+    capture = Capture()
+    lawa = CheckpointAveraging(tmp_path, every=3, k=5)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0,
+              callbacks=[capture, lawa])
+    if per_execution == 4:
+        assert sorted(capture.weights) == [2, 4, 6, 8]
+        written = [4, 6]
+    else:
+        assert sorted(capture.weights) == list(range(9))
+        written = [3, 6]
+    assert names(tmp_path) == [checkpoint(n) for n in written]
+    for n, path in zip(written, lawa.files):
+        assert_same_bits(held(path), capture.weights[n])
