@@ -136,6 +136,11 @@ def test_raw_weights_are_saved_while_averages_are_swapped_in(tmp_path):
     for n in range(1, 9):
         assert_same_bits(after[n], averaged[n])
     assert not opt.averages_swapped_in
+    # Writing the mean over swapped-in averages would lose it at the swap.
+    with opt.averaged_weights(sigma_rel=0.25):
+        with pytest.raises(ValueError, match="swapped in.*Instead"):
+            lawa.average()
+        assert_same_bits(weights(), averaged[8])
 
 
 def test_a_resumed_run_continues_the_rotation(tmp_path):
