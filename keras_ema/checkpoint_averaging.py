@@ -46,11 +46,12 @@ class CheckpointAveraging(keras.callbacks.Callback):
     any moment leaves the complete checkpoints it had, at worst one more
     than `k`, and at most a stray `.tmp-<hex>.<name>` next to them.
 
-    A resumed `fit`, with this callback or a new one on the same
-    `directory`, continues the series from the files there. Files from
-    beyond the update count training resumes at (left by the abandoned
-    run) are renamed to `<name>.abandoned` with a warning, never deleted,
-    and no longer used.
+    A resumed `fit` (the update count restored by
+    `keras.callbacks.BackupAndRestore`, in either order, or by loading a
+    checkpoint), with this callback or a new one on the same `directory`,
+    continues the series from the files there. Files from beyond the update
+    count training resumes at (left by the abandoned run) are renamed to
+    `<name>.abandoned` with a warning, never deleted, and no longer used.
 
     `average(model)` writes the LAWA average of the kept files into a model
     (`keras_ema.soup`); `files` lists them; `keras_ema.sweep_sigma_rel(...,
