@@ -1,10 +1,12 @@
-"""`python -m keras_ema export TRAINING_FILE PLAIN_FILE [--sigma-rel S]`."""
+"""`python -m keras_ema export TRAINING_FILE PLAIN_FILE [--sigma-rel S]`;
+`python -m keras_ema soup OUT FILES... [--weights W ...]`."""
 
 import argparse
 import sys
 
 from keras_ema import _startup
 from keras_ema import loading
+from keras_ema.soup import write_soup_file
 
 
 def main(argv=None):
@@ -29,8 +31,25 @@ def main(argv=None):
     export.add_argument("--sigma-rel", type=float, default=None, metavar="S",
                         help="with PostHocEMA, the width to export "
                         "(default: its first)")
+    soup = commands.add_parser(
+        "soup",
+        help="write the average of the weights of saved models (a soup)",
+        description="Writes to OUT a plain .keras model (no optimizer) whose "
+        "weights are the average of the model weights in FILES (.keras and "
+        ".weights.h5 files of one architecture; an optimizer in them is "
+        "ignored). The architecture is that of the first .keras file among "
+        "FILES. OUT is replaced whole or not at all.",
+    )
+    soup.add_argument("out", metavar="OUT", help="the .keras file to write")
+    soup.add_argument("files", metavar="FILES", nargs="+",
+                      help="the .keras and .weights.h5 files to average")
+    soup.add_argument("--weights", type=float, nargs="+", default=None,
+                      metavar="W", help="one weight per file (default: the "
+                      "same for all)")
     args = parser.parse_args(argv)
     _startup.start_quietly()
+    if args.command == "soup":
+        return _soup(parser, args)
     try:
         loading._export_file(args.training_file, args.plain_file,
                              sigma_rel=args.sigma_rel)
@@ -42,6 +61,19 @@ def main(argv=None):
     width = "" if args.sigma_rel is None else f" (sigma_rel={args.sigma_rel})"
     print(f"wrote {args.plain_file}: the averaged weights{width} of "
           f"{args.training_file} as a plain model")
+    return 0
+
+
+def _soup(parser, args):
+    try:
+        write_soup_file(args.out, args.files, weights=args.weights)
+    except (ValueError, OSError) as error:
+        message = " ".join(str(error).split())
+        print(f"{parser.prog} soup: error: {message}", file=sys.stderr)
+        return 2
+    kind = "uniform" if args.weights is None else "weighted"
+    print(f"wrote {args.out}: the {kind} soup of {len(args.files)} files as "
+          "a plain model")
     return 0
 
 

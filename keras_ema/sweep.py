@@ -24,6 +24,9 @@ class SweepResult:
         raw: The metrics of the model's own weights before the sweep.
         best: The entry of `results` with the best `metric`.
         figure: The matplotlib figure, when a plot was made.
+        lawa: With `lawa` given, the metrics of the average of its
+            checkpoints, `{"checkpoints": <how many>, <metric name>: value,
+            ...}`; else `None`.
     """
 
     metric: str
@@ -31,6 +34,7 @@ class SweepResult:
     raw: dict
     best: dict
     figure: object = None
+    lawa: dict = None
 
     def table(self):
         """The results as text, a line per `sigma_rel`, best marked."""
@@ -42,6 +46,10 @@ class SweepResult:
                 f"{row[n]:10.4f}" for n in names) + mark)
         lines.append("raw        " + "  ".join(
             f"{self.raw.get(n, float('nan')):10.4f}" for n in names))
+        if self.lawa is not None:
+            label = f"lawa k={self.lawa['checkpoints']}"
+            lines.append(f"{label:<9}  " + "  ".join(
+                f"{self.lawa.get(n, float('nan')):10.4f}" for n in names))
         return "\n".join(lines)
 
 
@@ -57,13 +65,15 @@ def sweep_sigma_rel(
     keep_best=False,
     plot=None,
     verbose=1,
+    lawa=None,
 ):
     """Evaluates the post-hoc EMA of each `sigma_rel` and picks the best.
 
     For each width, `keras_ema.synthesize` builds the average from the
     snapshots of `directory` into `model`, which is then evaluated on
-    `validation_data`; the raw weights are evaluated too, as a baseline.
-    Prints a table, and plots `metric` against `sigma_rel`, the raw weights'
+    `validation_data`; the raw weights are evaluated too, as a baseline,
+    and with `lawa`, the average of the last checkpoints of the run. Prints
+    a table, and plots `metric` against `sigma_rel`, the raw weights'
     score as a horizontal line, when `plot` is given and matplotlib is
     installed. `model`'s variables are restored, bit for bit, at the end,
     also when an error or a Ctrl-C interrupts the sweep, unless `keep_best`.
@@ -85,16 +95,22 @@ def sweep_sigma_rel(
         step: The snapshot step to synthesize at (default: the last).
         batch_size: Passed to `evaluate`.
         update_bn_data: Data for `keras_ema.update_bn`, run on each
-            synthesized average before it is evaluated (for BatchNorm
-            statistics that were not averaged), in any form it takes but
-            an iterator, which the first pass would use up.
+            synthesized average (and on the LAWA average) before it is
+            evaluated (for BatchNorm statistics that were not averaged), in
+            any form it takes but an iterator, which the first pass would
+            use up.
         keep_best: If `True`, `model` ends holding the best average.
         plot: A file path for the plot (e.g. `"sweep.png"`), or `True` to
             only return the figure. Needs matplotlib.
         verbose: 1 prints the table, 0 prints nothing.
+        lawa: The `keras_ema.CheckpointAveraging` callback of the same
+            run: the uniform average of its last checkpoints (LAWA,
+            `lawa.average(model)`) is evaluated too, as a row of the table
+            and `SweepResult.lawa`. It does not compete for `best`.
 
     Returns:
-        A `SweepResult`: `results`, `raw`, `best`, `figure`, `table()`.
+        A `SweepResult`: `results`, `raw`, `best`, `lawa`, `figure`,
+        `table()`.
 
     Example:
 
@@ -112,6 +128,8 @@ def sweep_sigma_rel(
             "pass e.g. sigma_rels=[0.05, 0.07, 0.10, 0.15]."
         )
     _check_validation_data(validation_data)
+    if lawa is not None:
+        _check_lawa(lawa)
     # Each width makes a pass over it.
     batch_norm.check_options(update_bn_data, None, "sweep_sigma_rel")
     if plot is not None and plot is not False:
@@ -136,6 +154,14 @@ def sweep_sigma_rel(
                 {"sigma_rel": sigma_rel,
                  **_evaluate(model, validation_data, batch_size)}
             )
+        lawa_logs = None
+        if lawa is not None:
+            checkpoints = len(lawa.files)
+            lawa.average(model)
+            if update_bn_data is not None:
+                batch_norm.update_bn(model, update_bn_data)
+            lawa_logs = {"checkpoints": checkpoints,
+                         **_evaluate(model, validation_data, batch_size)}
         higher = any(h in metric for h in _HIGHER_IS_BETTER)
         pick = max if higher else min
         best = pick(results, key=lambda row: row[metric])
@@ -149,12 +175,31 @@ def sweep_sigma_rel(
             with _atomic.deferred_signals():
                 for variable, value in zip(model.variables, saved):
                     variable.assign(value)
-    result = SweepResult(metric, results, raw, best)
+    result = SweepResult(metric, results, raw, best, lawa=lawa_logs)
     if plot is not None and plot is not False:
         result.figure = _plot(result, None if plot is True else plot)
     if verbose:
         print(result.table())
     return result
+
+
+def _check_lawa(lawa):
+    """Refuses, before any work, a `lawa` with nothing to average."""
+    # By its methods, not its class: `CheckpointAveraging` averages with
+    # `soup`, which evaluates with this module's helpers.
+    if not (callable(getattr(lawa, "average", None))
+            and isinstance(getattr(lawa, "files", None), list)):
+        raise ValueError(
+            f"sweep_sigma_rel does not support lawa={lawa!r}. Instead, pass "
+            "the run's `keras_ema.CheckpointAveraging` callback; for other "
+            "files, evaluate `keras_ema.soup(files, model)` yourself."
+        )
+    if not lawa.files:
+        raise ValueError(
+            "sweep_sigma_rel does not support a `lawa` without checkpoints: "
+            "there is nothing to average. Instead, train with that callback "
+            "for at least `every` updates, or leave lawa=None."
+        )
 
 
 def _check_validation_data(data):
@@ -207,6 +252,10 @@ def _plot(result, path):
               label="post-hoc EMA")
     axes.axhline(result.raw[result.metric], color="gray", linestyle="--",
                  label="raw weights")
+    if result.lawa is not None:
+        axes.axhline(result.lawa[result.metric], color="orange",
+                     linestyle=":",
+                     label=f"LAWA (k={result.lawa['checkpoints']})")
     axes.axvline(result.best["sigma_rel"], color="green", alpha=0.3)
     axes.set_xlabel("sigma_rel")
     axes.set_ylabel(f"validation {result.metric}")
