@@ -12,7 +12,8 @@ keras-ema keeps:
 - post-hoc: the best `sigma_rel` of `sweep_sigma_rel` over the snapshots of
   `PostHocEMA` (the post-hoc demo's run).
 
-Two runs of the same seed: the first keeps the EMA and BEMA (one optimizer
+BEMA's point, an average without the EMA's lag, shows early in a run: the
+first run is also validated after `EARLY` epochs. Two runs of the same seed: the first keeps the EMA and BEMA (one optimizer
 wrapping the other) and the checkpoints, the second the post-hoc profiles.
 Averaging never changes the raw weights, so both runs train the same raw
 weights; the demo checks it and says so.
@@ -40,18 +41,23 @@ from keras_ema import posthoc_demo
 EMA_DECAY = 0.99
 LAWA_K = 10
 LAWA_EVERY = 2  # epochs
+# Where the EMA's lag shows: the first run is also validated after these
+# epochs, raw weights, EMA and BEMA.
+EARLY = 3
 
 
-def train_averages(directory, epochs, batch_size, learning_rate, seed):
+def train_averages(directory, epochs, batch_size, learning_rate, seed,
+                   early=EARLY):
     """The first run: EMA and BEMA of one optimizer, LAWA's checkpoints.
 
     Returns:
-        `(model, bema, checkpoints)`: the trained model (its optimizer, the
-        EMA, wraps `bema`), the BEMA optimizer and the callback that kept
-        the checkpoints.
+        `(model, bema, checkpoints, early_scores)`: the trained model (its
+        optimizer, the EMA, wraps `bema`), the BEMA optimizer, the callback
+        that kept the checkpoints, and the `(accuracy, loss)` of the raw
+        weights, the EMA and BEMA after `early` epochs.
     """
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), _ = _digits.load_digits(seed)
+    (x_train, y_train), validation = _digits.load_digits(seed)
     # An earlier run's checkpoints are of other weights.
     for stale in glob.glob(os.path.join(directory, "checkpoint-*")):
         os.remove(stale)
@@ -70,39 +76,50 @@ def train_averages(directory, epochs, batch_size, learning_rate, seed):
     checkpoints = keras_ema.CheckpointAveraging(
         directory, every=LAWA_EVERY * per_epoch, k=LAWA_K
     )
-    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
+    early = min(early, epochs)
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=early,
               verbose=0, callbacks=[checkpoints])
-    return model, bema, checkpoints
+    early_scores = scores(model, bema, validation)
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs,
+              initial_epoch=early, verbose=0, callbacks=[checkpoints])
+    return model, bema, checkpoints, early_scores
+
+
+def scores(model, bema, validation):
+    """`(accuracy, loss)` on `validation` of the raw weights, the EMA (the
+    model's optimizer) and BEMA, in that order."""
+    found = [_score(model, validation)]
+    for optimizer in (model.optimizer, bema):
+        with optimizer.averaged_weights():
+            found.append(_score(model, validation))
+    return found
+
+
+def _score(model, validation):
+    loss, accuracy = model.evaluate(*validation, verbose=0)
+    return accuracy, loss
 
 
 def compare(output_dir, epochs=40, batch_size=16, learning_rate=0.05, seed=0):
     """Trains both runs and validates each average.
 
     Returns:
-        A list of `(name, accuracy, loss)`, raw weights first, and whether
-        the two runs trained the same raw weights.
+        `(rows, same)`: a list of `(name, accuracy, loss, early)`, raw
+        weights first (`early`: the accuracy after `EARLY` epochs, or None),
+        and whether the two runs trained the same raw weights.
     """
-    model, bema, checkpoints = train_averages(
+    model, bema, checkpoints, early = train_averages(
         os.path.join(output_dir, "checkpoints"), epochs, batch_size,
         learning_rate, seed,
     )
     _, validation = _digits.load_digits(seed)
-
-    def score(target=model):
-        if target is not model:
-            target.compile(loss="sparse_categorical_crossentropy",
-                           metrics=["accuracy"])
-        loss, accuracy = target.evaluate(*validation, verbose=0)
-        return accuracy, loss
-
-    rows = [("raw", *score())]
-    with model.optimizer.averaged_weights():
-        rows.append((f"EMA (decay {EMA_DECAY})", *score()))
-    with bema.averaged_weights():
-        rows.append(("BEMA (TRL's defaults)", *score()))
+    names = ["raw", f"EMA (decay {EMA_DECAY})", "BEMA (TRL's defaults)"]
+    rows = [(name, *score, first[0]) for name, score, first
+            in zip(names, scores(model, bema, validation), early)]
     lawa = checkpoints.average(_digits.build_model())
+    lawa.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     rows.append((f"LAWA (last {LAWA_K}, every {LAWA_EVERY} epochs)",
-                 *score(lawa)))
+                 *_score(lawa, validation), None))
     posthoc, _, _ = posthoc_demo.train(
         os.path.join(output_dir, "snapshots"), epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, seed=seed,
@@ -120,17 +137,19 @@ def compare(output_dir, epochs=40, batch_size=16, learning_rate=0.05, seed=0):
     )
     best = result.best
     rows.append((f"post-hoc (best sigma_rel {best['sigma_rel']:g})",
-                 best["accuracy"], best["loss"]))
+                 best["accuracy"], best["loss"], None))
     return rows, same
 
 
-def table(rows):
+def table(rows, early=EARLY):
     """The rows as text, with each average's gain over the raw weights."""
     raw = rows[0][1]
-    lines = [f"{'weights':<36}{'accuracy':>10}{'loss':>10}{'vs raw':>9}"]
-    for name, accuracy, loss in rows:
+    lines = [f"{'weights':<36}{'accuracy':>10}{'loss':>10}{'vs raw':>9}"
+             f"{f'epoch {early}':>10}"]
+    for name, accuracy, loss, first in rows:
+        first = "-" if first is None else f"{first:.4f}"
         lines.append(f"{name:<36}{accuracy:10.4f}{loss:10.4f}"
-                     f"{accuracy - raw:+9.4f}")
+                     f"{accuracy - raw:+9.4f}{first:>10}")
     return "\n".join(lines)
 
 
@@ -173,7 +192,8 @@ def main(argv=None):
     rows, same = compare(args.output_dir, epochs=args.epochs,
                          batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed)
-    print("\nOn the validation digits:\n")
+    print("\nOn the validation digits, after the last epoch (and, where "
+          f"the run keeps them, the accuracy after epoch {EARLY}):\n")
     print(table(rows))
     print("\nBoth runs trained the same raw weights." if same else
           "\nThe two runs' raw weights differ (the backend is not "
