@@ -33,14 +33,13 @@ compensation buffer, decay variable and weight must agree bit for bit (all
 but the iteration counters, which only `apply` moves); each row does so
 again for the 500 updates before each checkpoint; and the vectorized
 `1 - decay` must equal bit for bit what `complement_at` computes for one
-step, at 7000 steps spread over the run, once a schedule
+step, at about 7000 steps spread over the run, once a schedule
 (`--check-all-complements`: at every step, about 6 minutes a schedule;
 `--self-check-only`: only the self-check). `--torch-path apply` runs
 `apply` itself (with `--torch-steps 100000`, about 40 minutes on two
 cores).
 
-Run (TensorFlow and JAX: about 3 minutes on two cores; torch: see the
-performance guide):
+Run (TensorFlow and JAX: 1 to 3 minutes on two cores; torch: 15 minutes):
 
     python benchmarks/long_run_precision.py --backends tensorflow,jax
     python benchmarks/long_run_precision.py --backends torch
@@ -254,8 +253,9 @@ def check_window(opt, w, start, stop, factors, label):
 
 def check_factors(opt, factors, label, every_step):
     """Aborts unless `factors` are, bit for bit, what `complement_at`
-    computes for one step, at every step or at 7000 steps spread over the
-    run (the first, the last before each checkpoint, and random ones)."""
+    computes for one step, at every step or at about 7000 steps spread
+    over the run (the first, the last before each checkpoint, and random
+    ones)."""
     import keras
     import numpy as np
 
