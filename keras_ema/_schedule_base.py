@@ -58,6 +58,19 @@ def wide(value):
     return ops.cast(value, wide_float())
 
 
+def wide_minimum(a, b):
+    """`min(a, b)` in `wide_float()`. Not `ops.minimum`, which on torch
+    computes two float64 tensors in float32."""
+    a, b = wide(a), wide(b)
+    return ops.where(ops.less(b, a), b, a)
+
+
+def wide_maximum(a, b):
+    """`max(a, b)` in `wide_float()` (see `wide_minimum`)."""
+    a, b = wide(a), wide(b)
+    return ops.where(ops.greater(b, a), b, a)
+
+
 def wide_complement(value):
     """`1 - value` in `wide_float()`; of a Python number, in float64 first
     (exact), so that a decay near 1 keeps its digits on JAX without x64."""

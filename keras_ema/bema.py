@@ -23,6 +23,7 @@ from keras_ema._schedule_base import DecaySchedule
 from keras_ema._schedule_base import invalid
 from keras_ema._schedule_base import is_real
 from keras_ema._schedule_base import wide
+from keras_ema._schedule_base import wide_maximum
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
@@ -95,8 +96,8 @@ class BEMA(DecaySchedule):
         """`(beta_t, alpha_t)` as float32, for `t` real updates since
         averaging started; computed in `wide_float()`."""
         age = wide(self.lag) + wide(self.multiplier) * wide(t)
-        beta = ops.maximum(ops.power(age, -wide(self.ema_power)),
-                           wide(self.min_ema_multiplier))
+        beta = wide_maximum(ops.power(age, -wide(self.ema_power)),
+                            self.min_ema_multiplier)
         alpha = ops.power(age, -wide(self.bias_power))
         return ops.cast(beta, "float32"), ops.cast(alpha, "float32")
 

@@ -14,6 +14,7 @@ from keras_ema._schedule_base import invalid as _invalid
 from keras_ema._schedule_base import is_real as _is_real
 from keras_ema._schedule_base import wide as _wide
 from keras_ema._schedule_base import wide_complement as _wide_complement
+from keras_ema._schedule_base import wide_minimum
 
 
 @keras.saving.register_keras_serializable(package="keras_ema")
@@ -195,7 +196,7 @@ class Cosine(DecaySchedule):
 
     def _rise(self, step):
         steps = _wide(self.steps)
-        n = ops.minimum(_wide(step), steps)
+        n = wide_minimum(step, steps)
         return (ops.cos(math.pi * n / steps) + 1.0) / 2.0
 
     def __call__(self, step):

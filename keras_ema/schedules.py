@@ -27,6 +27,7 @@ from keras_ema._schedule_base import is_real as _is_real
 from keras_ema._schedule_base import own_complement
 from keras_ema._schedule_base import wide as _wide
 from keras_ema._schedule_base import wide_complement as _wide_complement
+from keras_ema._schedule_base import wide_maximum
 from keras_ema.bema import BEMA
 from keras_ema.growing_schedules import Cosine
 from keras_ema.growing_schedules import Power
@@ -267,7 +268,7 @@ def number_complement(step, decay, dynamic):
     rest = _wide_complement(decay)
     if not dynamic:
         return rest
-    return ops.maximum(9.0 / (10.0 + _wide(step)), rest)
+    return wide_maximum(9.0 / (10.0 + _wide(step)), rest)
 
 
 def parameters(schedule):

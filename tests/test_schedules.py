@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_ema import _schedule_base
 from keras_ema import schedules
 
 
@@ -252,3 +253,24 @@ POSITIVE = "to be a finite real number > 0"
 def test_invalid_arguments_raise_a_value_error_that_says_what_was_expected(make, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+@pytest.mark.skipif(
+    _schedule_base.wide_float() != "float64",
+    reason="JAX without jax_enable_x64 computes the decays in float32",
+)
+def test_complements_are_computed_in_float64_on_every_backend():
+    # Keras' `ops.minimum` / `ops.maximum` compute two float64 tensors in
+    # float32 on torch: Cosine's `pi * n / steps` and Dynamic's cap took
+    # its rounding.
+    n = np.array([3, 96, 12345, 987654])
+    rise = (np.cos(np.pi * np.minimum(n, 10**6) / 10**6) + 1.0) / 2.0
+    cosine = schedules.Cosine(0.9, 0.999, steps=10**6)
+    dynamic = schedules.Dynamic(0.99999999)
+    for i, k in enumerate(n):
+        step = keras.ops.convert_to_tensor(int(k), "int64")
+        got = float(keras.ops.convert_to_numpy(cosine.complement(step)))
+        assert got == pytest.approx((1 - 0.999) + (0.999 - 0.9) * rise[i],
+                                    rel=1e-14)
+        got = float(keras.ops.convert_to_numpy(dynamic.complement(step)))
+        assert got == pytest.approx(max(9.0 / (10.0 + k), 1e-8), rel=1e-14)
