@@ -11,8 +11,6 @@ import numpy as np
 from keras_ema import _atomic
 from keras_ema import _soup_files
 from keras_ema import batch_norm
-from keras_ema._files import atomic_path
-from keras_ema.export import rebuilding
 from keras_ema.sweep import _HIGHER_IS_BETTER
 from keras_ema.sweep import _check_validation_data
 from keras_ema.sweep import _evaluate
@@ -147,9 +145,11 @@ def greedy_soup(
     validation data than the best file alone.
 
     The files are read as by `keras_ema.soup`: checked against the model
-    before any work, one variable at a time, the sum of those kept in
-    float64. `model` ends holding the soup; an error or a Ctrl-C leaves it
-    as it was, bit for bit.
+    before any work, by blocks of a variable at a time, the sum of those
+    kept in float64. Memory: about three copies of the model (those sums,
+    and the model's weights, kept to put back), whatever the number of
+    files. `model` ends holding the soup; an error or a Ctrl-C leaves it as
+    it was, bit for bit.
 
     Args:
         files: A list of paths of `.keras` and `.weights.h5` files, saved
@@ -394,43 +394,3 @@ def _assign(slots, values):
     with _atomic.deferred_signals():
         for slot, value in zip(slots, values):
             slot.variable.assign(value)
-
-
-def write_soup_file(out, files, weights=None):
-    """`python -m keras_ema soup`: the soup of `files` in the model of the
-    first `.keras` file among them, saved as a plain `.keras` file (no
-    optimizer) to `out`, atomically. Returns the model."""
-    out = os.fspath(out)
-    files = [_soup_files.check_path(f, "keras_ema soup") for f in files]
-    if not out.endswith(".keras"):
-        raise ValueError(
-            "keras_ema soup does not support the file type of "
-            f"OUT={out!r}. Instead, pass a path that ends in `.keras`."
-        )
-    folder = os.path.dirname(out) or os.curdir
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"keras_ema soup found no folder {folder!r} for OUT={out!r}. "
-            "Instead, create it first."
-        )
-    if os.path.exists(out) and any(os.path.samefile(out, f) for f in files):
-        raise ValueError(
-            "keras_ema soup does not support writing over one of FILES. "
-            "Instead, pass another OUT."
-        )
-    architecture = next((f for f in files if f.endswith(".keras")), None)
-    if architecture is None:
-        raise ValueError(
-            "keras_ema soup does not support `.weights.h5` files alone: they "
-            "hold values, not the architecture. Instead, add a `.keras` file "
-            "of the architecture among FILES, or call `keras_ema.soup(files, "
-            "model)` from Python."
-        )
-    with rebuilding("keras_ema soup"):
-        # No compile: the soup is written plain, and a custom loss or metric
-        # would need its code.
-        model = keras.models.load_model(architecture, compile=False)
-    soup(files, model, weights=weights)
-    with atomic_path(out) as path:
-        model.save(path)
-    return model

@@ -27,8 +27,9 @@ X_VAL, Y_VAL = regression_data(32, seed=1)
 
 
 def _compiled(model, optimizer="sgd"):
+    # No XLA: compiling it would cost more than these tiny runs.
     model.compile(optimizer=optimizer, loss="mse",
-                  metrics=[keras.metrics.R2Score()])
+                  metrics=[keras.metrics.R2Score()], jit_compile=False)
     return model
 
 
@@ -248,7 +249,8 @@ def test_files_that_do_not_match_are_refused_before_anything_is_written(
     files, tmp_path, case, message
 ):
     paths, _ = files
-    bad = str(tmp_path / ("bad.keras" if case == "shape" else "bad.weights.h5"))
+    name = "bad.keras" if case == "shape" else "bad.weights.h5"
+    bad = str(tmp_path / name)
     _write_mismatch(bad, case)
     model = _compiled(small_model(batchnorm=True))
     before = [bits(v) for v in model.get_weights()]
@@ -294,7 +296,8 @@ def test_bad_input_is_refused_and_the_model_left_as_it_was(
     elif case == "kind":
         paths = [paths[0], str(tmp_path / "model.h5")]
     elif case in ("not a zip", "not hdf5"):
-        path = tmp_path / ("x.keras" if case == "not a zip" else "x.weights.h5")
+        name = "x.keras" if case == "not a zip" else "x.weights.h5"
+        path = tmp_path / name
         path.write_bytes(b"not a model")
         paths = [paths[0], str(path)]
     elif case == "npz":
@@ -323,7 +326,8 @@ class _Counted(keras.layers.Layer):
     """A layer with an integer variable, as some preprocessing layers have."""
 
     def build(self, input_shape):
-        self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
+        self.scale = self.add_weight(shape=(), initializer="ones",
+                                     name="scale")
         self.count = self.add_weight(shape=(2,), dtype="int32",
                                      initializer="zeros", trainable=False,
                                      name="count")
@@ -381,9 +385,12 @@ def test_the_command_line_refuses_with_one_line_and_exit_code_2(
     paths, _ = files
     bad = str(tmp_path / "bad.keras")
     _write_mismatch(bad, "shape")
+    garbage = tmp_path / "garbage.keras"
+    garbage.write_bytes(b"not a model")
     out = str(tmp_path / "soup.keras")
     for argv, message in [
         ([out, *paths[:2], bad], "variables differ from the model's"),
+        ([out, str(garbage), *paths[:2]], "not Keras archives"),
         ([out, paths[1], paths[3]], "`.weights.h5` files alone"),
         ([str(tmp_path / "soup.h5"), *paths[:2]], "file type of OUT"),
         ([paths[0], *paths[:2]], "writing over one of FILES"),
@@ -396,7 +403,7 @@ def test_the_command_line_refuses_with_one_line_and_exit_code_2(
         assert captured.err.startswith("python -m keras_ema soup: error: ")
         assert message in captured.err
         assert not os.path.exists(out)
-    assert sorted(os.listdir(tmp_path)) == ["bad.keras"]
+    assert sorted(os.listdir(tmp_path)) == ["bad.keras", "garbage.keras"]
 
 
 @tensorflow_only
