@@ -76,7 +76,6 @@ def soup(files, model, *, weights=None, update_bn=None):
     for filepath, weight in zip(ingredients.files, weights):
         total.add(filepath, weight)
     values = total.mean()
-    del total  # the float64 sums: a copy of the model twice over
     recorded = _record(model) if update_bn is not None else None
     _assign(ingredients.slots, values)
     if update_bn is not None:
@@ -182,6 +181,8 @@ def greedy_soup(
     ```
     """
     _check_validation_data(validation_data)
+    # Each evaluation makes a pass over it: no iterator.
+    batch_norm.check_options(update_bn, None, "greedy_soup")
     _check_update_bn(update_bn, model, "greedy_soup")
     ingredients = _Ingredients(files, model, "greedy_soup")
     higher = any(h in metric for h in _HIGHER_IS_BETTER)

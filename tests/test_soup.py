@@ -179,6 +179,22 @@ def test_greedy_soup_keeps_what_the_rule_in_numpy_keeps(
     assert len(table.splitlines()) == len(paths) + 2
 
 
+def test_greedy_soup_with_update_bn_ends_with_the_soup_s_statistics(files):
+    paths, _ = files
+    model = _compiled(small_model(batchnorm=True))
+    result = keras_ema.greedy_soup(paths, model, (X_VAL, Y_VAL),
+                                   update_bn=X, verbose=0)
+    expected = keras_ema.soup(result.kept, small_model(batchnorm=True),
+                              update_bn=X)
+    _assert_bits(model.get_weights(), expected.get_weights())
+    judge = _compiled(small_model(batchnorm=True))
+    judge.set_weights(expected.get_weights())
+    np.testing.assert_allclose(
+        result.score,
+        judge.evaluate(X_VAL, Y_VAL, verbose=0, return_dict=True)["loss"],
+        rtol=1e-6)
+
+
 def test_greedy_soup_restores_the_model_after_an_interrupt(files):
     paths, _ = files
     model = _compiled(small_model(batchnorm=True))
@@ -198,6 +214,10 @@ def test_greedy_soup_restores_the_model_after_an_interrupt(files):
     with pytest.raises(ValueError, match="does not know metric='nope'"):
         keras_ema.greedy_soup(paths, model, (X_VAL, Y_VAL), "nope")
     _assert_bits(model.get_weights(), before)
+    # Every evaluation would need a pass over it.
+    with pytest.raises(ValueError, match="does not support an iterator"):
+        keras_ema.greedy_soup(paths, model, (X_VAL, Y_VAL),
+                              update_bn=iter([X]))
 
 
 def test_update_bn_recomputes_the_soup_s_statistics(files):
