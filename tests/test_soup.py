@@ -16,7 +16,6 @@ import pytest
 import keras_ema
 from keras_ema.__main__ import main
 
-from conftest import BACKEND
 from conftest import bits
 from conftest import regression_data
 from conftest import small_model
