@@ -2,11 +2,18 @@
 `python -m keras_ema soup OUT FILES... [--weights W ...]`."""
 
 import argparse
+import os
 import sys
+import zipfile
+
+import keras
 
 from keras_ema import _startup
 from keras_ema import loading
-from keras_ema.soup import write_soup_file
+from keras_ema._files import atomic_path
+from keras_ema._soup_files import check_path
+from keras_ema.export import rebuilding
+from keras_ema.soup import soup
 
 
 def main(argv=None):
@@ -66,7 +73,7 @@ def main(argv=None):
 
 def _soup(parser, args):
     try:
-        write_soup_file(args.out, args.files, weights=args.weights)
+        _write_soup_file(args.out, args.files, weights=args.weights)
     except (ValueError, OSError) as error:
         message = " ".join(str(error).split())
         print(f"{parser.prog} soup: error: {message}", file=sys.stderr)
@@ -75,6 +82,52 @@ def _soup(parser, args):
     print(f"wrote {args.out}: the {kind} soup of {len(args.files)} files as "
           "a plain model")
     return 0
+
+
+def _write_soup_file(out, files, weights=None):
+    """`python -m keras_ema soup`: the soup of `files` in the model of the
+    first `.keras` file among them, saved as a plain `.keras` file (no
+    optimizer) to `out`, atomically. Returns the model."""
+    out = os.fspath(out)
+    files = [check_path(f, "keras_ema soup") for f in files]
+    if not out.endswith(".keras"):
+        raise ValueError(
+            "keras_ema soup does not support the file type of "
+            f"OUT={out!r}. Instead, pass a path that ends in `.keras`."
+        )
+    folder = os.path.dirname(out) or os.curdir
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"keras_ema soup found no folder {folder!r} for OUT={out!r}. "
+            "Instead, create it first."
+        )
+    if os.path.exists(out) and any(os.path.samefile(out, f) for f in files):
+        raise ValueError(
+            "keras_ema soup does not support writing over one of FILES. "
+            "Instead, pass another OUT."
+        )
+    architecture = next((f for f in files if f.endswith(".keras")), None)
+    if architecture is None:
+        raise ValueError(
+            "keras_ema soup does not support `.weights.h5` files alone: they "
+            "hold values, not the architecture. Instead, add a `.keras` file "
+            "of the architecture among FILES, or call `keras_ema.soup(files, "
+            "model)` from Python."
+        )
+    if not zipfile.is_zipfile(architecture):
+        raise ValueError(
+            "keras_ema soup does not support files that are not Keras "
+            f"archives: {architecture!r} cannot be read as one. Instead, "
+            "pass `.keras` files written by `model.save`."
+        )
+    with rebuilding("keras_ema soup"):
+        # No compile: the soup is written plain, and a custom loss or metric
+        # would need its code.
+        model = keras.models.load_model(architecture, compile=False)
+    soup(files, model, weights=weights)
+    with atomic_path(out) as path:
+        model.save(path)
+    return model
 
 
 if __name__ == "__main__":

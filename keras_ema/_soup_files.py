@@ -24,6 +24,9 @@ from keras.src.saving import saving_lib
 # Where a `.keras` archive keeps the weights (`saving_lib._VARS_FNAME_H5`).
 _WEIGHTS = "model.weights.h5"
 
+# The most numbers `blocks` reads at once: 512 KiB in float64.
+_BLOCK = 2**16
+
 # What `model.save` / `save_weights` write, beside the model's variables.
 _OPTIMIZER = "optimizer"
 
@@ -157,13 +160,13 @@ def differences(h5, slots, known):
             found.append(f"{slot.key} ({slot.variable.path}) is missing")
         elif tuple(dataset.shape) != slot.shape:
             found.append(
-                f"{slot.key} has shape {tuple(dataset.shape)}, "
-                f"{slot.variable.path} {slot.shape}"
+                f"{slot.key} has shape {tuple(dataset.shape)} where the "
+                f"model's {slot.variable.path} has {slot.shape}"
             )
         elif slot.is_float != _is_float(dataset):
             found.append(
-                f"{slot.key} has dtype {_dtype(dataset)}, "
-                f"{slot.variable.path} {slot.dtype}"
+                f"{slot.key} has dtype {_dtype(dataset)} where the "
+                f"model's {slot.variable.path} has {slot.dtype}"
             )
     extra = []
     for name in h5:
@@ -184,10 +187,28 @@ def differences(h5, slots, known):
 
 def read(h5, slot):
     """The value of `slot` in `h5`, as a numpy array."""
+    return _read(h5[slot.key], ())
+
+
+def blocks(h5, slot):
+    """The value of `slot` in `h5` by blocks of rows: `(rows, array)`, each
+    of at most about `_BLOCK` numbers (a row may be longer), so that what is
+    read is never a copy of a large variable."""
     dataset = h5[slot.key]
+    if dataset.ndim == 0 or dataset.size <= _BLOCK:
+        yield (), _read(dataset, ())
+        return
+    step = max(1, _BLOCK * dataset.shape[0] // dataset.size)
+    for start in range(0, dataset.shape[0], step):
+        rows = slice(start, start + step)
+        yield rows, _read(dataset, rows)
+
+
+def _read(dataset, index):
+    value = dataset[index]
     if _dtype(dataset) == "bfloat16":
-        return np.array(dataset, dtype=ml_dtypes.bfloat16)
-    return dataset[()]
+        return value.view(ml_dtypes.bfloat16)
+    return value
 
 
 def _dtype(dataset):

@@ -11,8 +11,6 @@ import numpy as np
 from keras_ema import _atomic
 from keras_ema import _soup_files
 from keras_ema import batch_norm
-from keras_ema._files import atomic_path
-from keras_ema.export import rebuilding
 from keras_ema.sweep import _HIGHER_IS_BETTER
 from keras_ema.sweep import _check_validation_data
 from keras_ema.sweep import _evaluate
@@ -71,14 +69,13 @@ def soup(files, model, *, weights=None, update_bn=None):
     `python -m keras_ema soup soup.keras ckpt_08.keras ckpt_09.keras
     ckpt_10.keras`.
     """
+    _check_update_bn(update_bn, model, "soup")
     ingredients = _Ingredients(files, model, "soup")
     weights = _check_weights(weights, ingredients.files)
-    _check_update_bn(update_bn, model, "soup")
     total = _Sum(ingredients)
     for filepath, weight in zip(ingredients.files, weights):
         total.add(filepath, weight)
     values = total.mean()
-    del total  # the float64 sums: a copy of the model twice over
     recorded = _record(model) if update_bn is not None else None
     _assign(ingredients.slots, values)
     if update_bn is not None:
@@ -147,9 +144,11 @@ def greedy_soup(
     validation data than the best file alone.
 
     The files are read as by `keras_ema.soup`: checked against the model
-    before any work, one variable at a time, the sum of those kept in
-    float64. `model` ends holding the soup; an error or a Ctrl-C leaves it
-    as it was, bit for bit.
+    before any work, by blocks of a variable at a time, the sum of those
+    kept in float64. Memory: about three copies of the model (those sums,
+    and the model's weights, kept to put back), whatever the number of
+    files. `model` ends holding the soup; an error or a Ctrl-C leaves it as
+    it was, bit for bit.
 
     Args:
         files: A list of paths of `.keras` and `.weights.h5` files, saved
@@ -181,15 +180,17 @@ def greedy_soup(
     print(result.kept)
     ```
     """
-    ingredients = _Ingredients(files, model, "greedy_soup")
     _check_validation_data(validation_data)
+    # Each evaluation makes a pass over it: no iterator.
+    batch_norm.check_options(update_bn, None, "greedy_soup")
     _check_update_bn(update_bn, model, "greedy_soup")
+    ingredients = _Ingredients(files, model, "greedy_soup")
     higher = any(h in metric for h in _HIGHER_IS_BETTER)
     recorded = _record(model)
     try:
         scores = []
         for filepath in ingredients.files:
-            _assign(ingredients.slots, ingredients.values(filepath))
+            ingredients.assign(filepath)
             scores.append(_score(model, validation_data, metric, update_bn,
                                  batch_size))
         # Best first; a NaN score last; ties in the order of `files`.
@@ -203,7 +204,7 @@ def greedy_soup(
                     "kept": True}]
         for i in order[1:]:
             filepath = ingredients.files[i]
-            _assign(ingredients.slots, kept.mean_with(filepath))
+            kept.assign_mean_with(filepath)
             tried = _score(model, validation_data, metric, update_bn,
                            batch_size)
             # The paper's test, under which a NaN score is never kept.
@@ -261,11 +262,15 @@ class _Ingredients:
                     "order)."
                 )
 
-    def values(self, filepath):
-        """The values of `filepath` for the model's variables, in order."""
+    def assign(self, filepath):
+        """Writes the values of `filepath` into the model, variable by
+        variable."""
         with _soup_files.open_weights(filepath, self.user) as h5:
-            return [_soup_files.read(h5, slot).astype(slot.dtype)
-                    for slot in self.slots]
+            for slot in self.slots:
+                value = np.empty(slot.shape, slot.dtype)
+                for rows, block in _soup_files.blocks(h5, slot):
+                    value[rows] = block
+                slot.variable.assign(value)
 
 
 class _Sum:
@@ -274,19 +279,30 @@ class _Sum:
 
     def __init__(self, ingredients):
         self.ingredients = ingredients
-        self.sums = [None] * len(ingredients.slots)
+        self.slots = ingredients.slots
+        self.sums = [np.zeros(slot.shape, np.float64) if slot.is_float
+                     else None for slot in self.slots]
         self.total = 0.0
         self.first = None
 
     def add(self, filepath, weight):
-        self._each(filepath, weight, self.sums)
+        with _soup_files.open_weights(filepath, self.ingredients.user) as h5:
+            for i, slot in enumerate(self.slots):
+                if not slot.is_float:
+                    self.sums[i] = self._same(h5, i, filepath)
+                    continue
+                # Block by block: the float64 product of a whole large
+                # variable would cost twice its size.
+                for rows, block in _soup_files.blocks(h5, slot):
+                    self.sums[i][rows] += np.multiply(block, weight,
+                                                      dtype=np.float64)
         self.total += weight
         self.first = self.first or filepath
 
     def mean(self):
         """The average, in the variables' dtypes."""
         values = []
-        for i, slot in enumerate(self.ingredients.slots):
+        for i, slot in enumerate(self.slots):
             value = self.sums[i]
             if slot.is_float:
                 # In place, and each float64 sum dropped once converted.
@@ -295,38 +311,27 @@ class _Sum:
             values.append(value.astype(slot.dtype))
         return values
 
-    def mean_with(self, filepath):
-        """The uniform average of the files added and `filepath`, in the
-        variables' dtypes; the sums stay as they were."""
-        values = [None] * len(self.sums)
-        self._each(filepath, 1.0, values, base=self.sums)
-        for i, slot in enumerate(self.ingredients.slots):
-            if slot.is_float:
-                values[i] = (values[i] / (self.total + 1.0)).astype(slot.dtype)
-        return values
-
-    def _each(self, filepath, weight, out, base=None):
-        """`out[i] = base[i] + weight * value` of each variable of
-        `filepath` (`base` defaults to `out`)."""
-        base = out if base is None else base
-        slots = self.ingredients.slots
+    def assign_mean_with(self, filepath):
+        """Writes into the model, variable by variable, the uniform average
+        of the files added and `filepath`; the sums stay as they were."""
+        count = self.total + 1.0
         with _soup_files.open_weights(filepath, self.ingredients.user) as h5:
-            for i, slot in enumerate(slots):
-                value = _soup_files.read(h5, slot)
+            for i, slot in enumerate(self.slots):
                 if not slot.is_float:
-                    self._same(slot, base[i], value, filepath)
-                    out[i] = value
+                    slot.variable.assign(self._same(h5, i, filepath))
                     continue
-                term = np.multiply(value, weight, dtype=np.float64)
-                if base[i] is None:
-                    out[i] = term
-                elif out is base:
-                    out[i] += term
-                else:
-                    out[i] = base[i] + term
+                value = np.empty(slot.shape, slot.dtype)
+                for rows, block in _soup_files.blocks(h5, slot):
+                    value[rows] = (self.sums[i][rows] + block) / count
+                slot.variable.assign(value)
 
-    def _same(self, slot, value, other, filepath):
-        if value is not None and not np.array_equal(value, other):
+    def _same(self, h5, i, filepath):
+        """The value of variable `i`, not a float, in `h5`: refused unless
+        it is that of the files added before."""
+        slot, value = self.slots[i], _soup_files.read(h5, self.slots[i])
+        if self.sums[i] is not None and not np.array_equal(
+            self.sums[i], value
+        ):
             raise ValueError(
                 f"{self.ingredients.user} does not support averaging "
                 f"variables that are not floats: {slot.key} "
@@ -335,6 +340,7 @@ class _Sum:
                 "integer variables are equal (a quantized model: soup the "
                 "models before quantizing them)."
             )
+        return value
 
 
 def _check_weights(weights, files):
@@ -389,43 +395,3 @@ def _assign(slots, values):
     with _atomic.deferred_signals():
         for slot, value in zip(slots, values):
             slot.variable.assign(value)
-
-
-def write_soup_file(out, files, weights=None):
-    """`python -m keras_ema soup`: the soup of `files` in the model of the
-    first `.keras` file among them, saved as a plain `.keras` file (no
-    optimizer) to `out`, atomically. Returns the model."""
-    out = os.fspath(out)
-    files = [_soup_files.check_path(f, "keras_ema soup") for f in files]
-    if not out.endswith(".keras"):
-        raise ValueError(
-            "keras_ema soup does not support the file type of "
-            f"OUT={out!r}. Instead, pass a path that ends in `.keras`."
-        )
-    folder = os.path.dirname(out) or os.curdir
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(
-            f"keras_ema soup found no folder {folder!r} for OUT={out!r}. "
-            "Instead, create it first."
-        )
-    if os.path.exists(out) and any(os.path.samefile(out, f) for f in files):
-        raise ValueError(
-            "keras_ema soup does not support writing over one of FILES. "
-            "Instead, pass another OUT."
-        )
-    architecture = next((f for f in files if f.endswith(".keras")), None)
-    if architecture is None:
-        raise ValueError(
-            "keras_ema soup does not support `.weights.h5` files alone: they "
-            "hold values, not the architecture. Instead, add a `.keras` file "
-            "of the architecture among FILES, or call `keras_ema.soup(files, "
-            "model)` from Python."
-        )
-    with rebuilding("keras_ema soup"):
-        # No compile: the soup is written plain, and a custom loss or metric
-        # would need its code.
-        model = keras.models.load_model(architecture, compile=False)
-    soup(files, model, weights=weights)
-    with atomic_path(out) as path:
-        model.save(path)
-    return model
