@@ -54,7 +54,10 @@ def wide_float():
 
 def wide(value):
     """`value` (a number, a step count or a variable's value) as a tensor
-    of `wide_float()`."""
+    of `wide_float()`. A Python number directly: `ops.cast` of one goes
+    through float32 on TensorFlow."""
+    if is_real(value):
+        return ops.convert_to_tensor(value, dtype=wide_float())
     return ops.cast(value, wide_float())
 
 

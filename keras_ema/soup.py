@@ -10,10 +10,8 @@ import numpy as np
 
 from keras_ema import _atomic
 from keras_ema import _soup_files
+from keras_ema import _validation
 from keras_ema import batch_norm
-from keras_ema.sweep import _HIGHER_IS_BETTER
-from keras_ema.sweep import _check_validation_data
-from keras_ema.sweep import _evaluate
 
 
 def soup(files, model, *, weights=None, update_bn=None):
@@ -180,12 +178,13 @@ def greedy_soup(
     print(result.kept)
     ```
     """
-    _check_validation_data(validation_data)
+    _validation.check_validation_data(
+        validation_data, "greedy_soup", "every soup tried")
     # Each evaluation makes a pass over it: no iterator.
     batch_norm.check_options(update_bn, None, "greedy_soup")
     _check_update_bn(update_bn, model, "greedy_soup")
     ingredients = _Ingredients(files, model, "greedy_soup")
-    higher = any(h in metric for h in _HIGHER_IS_BETTER)
+    higher = _validation.higher_is_better(metric)
     recorded = _record(model)
     try:
         scores = []
@@ -368,7 +367,7 @@ def _check_update_bn(data, model, user):
 def _score(model, data, metric, update_bn, batch_size):
     if update_bn is not None:
         batch_norm.update_bn(model, update_bn)
-    logs = _evaluate(model, data, batch_size)
+    logs = _validation.evaluate(model, data, batch_size)
     if metric not in logs:
         raise ValueError(
             f"greedy_soup does not know metric={metric!r}: `evaluate` "

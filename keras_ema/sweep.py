@@ -1,17 +1,14 @@
 """`sweep_sigma_rel`: the best post-hoc EMA width, chosen on validation data."""
 
-import collections.abc
 import dataclasses
 
 import keras
 import numpy as np
 
 from keras_ema import _atomic
+from keras_ema import _validation
 from keras_ema import batch_norm
 from keras_ema import synthesis
-
-_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "r2")
-
 
 @dataclasses.dataclass
 class SweepResult:
@@ -127,7 +124,7 @@ def sweep_sigma_rel(
             "sweep_sigma_rel requires at least one `sigma_rel`. Instead, "
             "pass e.g. sigma_rels=[0.05, 0.07, 0.10, 0.15]."
         )
-    _check_validation_data(validation_data)
+    _validation.check_validation_data(validation_data, "sweep_sigma_rel")
     if lawa is not None:
         _check_lawa(lawa)
     # Each width makes a pass over it.
@@ -139,7 +136,7 @@ def sweep_sigma_rel(
     saved = [np.array(keras.ops.convert_to_numpy(v)) for v in model.variables]
     kept = False
     try:
-        raw = _evaluate(model, validation_data, batch_size)
+        raw = _validation.evaluate(model, validation_data, batch_size)
         if metric not in raw:
             raise ValueError(
                 f"sweep_sigma_rel does not know metric={metric!r}: `evaluate` "
@@ -150,19 +147,17 @@ def sweep_sigma_rel(
             synthesis.synthesize(directory, model, sigma_rel, step=step)
             if update_bn_data is not None:
                 batch_norm.update_bn(model, update_bn_data)
-            results.append(
-                {"sigma_rel": sigma_rel,
-                 **_evaluate(model, validation_data, batch_size)}
-            )
+            results.append({"sigma_rel": sigma_rel, **_validation.evaluate(
+                model, validation_data, batch_size)})
         lawa_logs = None
         if lawa is not None:
             checkpoints = len(lawa.files)
             lawa.average(model)
             if update_bn_data is not None:
                 batch_norm.update_bn(model, update_bn_data)
-            lawa_logs = {"checkpoints": checkpoints,
-                         **_evaluate(model, validation_data, batch_size)}
-        higher = any(h in metric for h in _HIGHER_IS_BETTER)
+            lawa_logs = {"checkpoints": checkpoints, **_validation.evaluate(
+                model, validation_data, batch_size)}
+        higher = _validation.higher_is_better(metric)
         pick = max if higher else min
         best = pick(results, key=lambda row: row[metric])
         if keep_best:
@@ -185,8 +180,7 @@ def sweep_sigma_rel(
 
 def _check_lawa(lawa):
     """Refuses, before any work, a `lawa` with nothing to average."""
-    # By its methods, not its class: `CheckpointAveraging` averages with
-    # `soup`, which evaluates with this module's helpers.
+    # By its methods: any object with `files` and `average(model)` will do.
     if not (callable(getattr(lawa, "average", None))
             and isinstance(getattr(lawa, "files", None), list)):
         raise ValueError(
@@ -200,34 +194,6 @@ def _check_lawa(lawa):
             "there is nothing to average. Instead, train with that callback "
             "for at least `every` updates, or leave lawa=None."
         )
-
-
-def _check_validation_data(data):
-    """Refuses, before any work, data that the first evaluation uses up."""
-    if isinstance(data, collections.abc.Iterator):
-        raise ValueError(
-            "sweep_sigma_rel does not support a generator or iterator as "
-            "`validation_data`: every width is evaluated on it, and the "
-            "first evaluation uses it up. Instead, pass a function that "
-            "returns a fresh one (`validation_data=lambda: batches()`), "
-            "which is called for each evaluation, or arrays `(x, y)`, a "
-            "`tf.data.Dataset` or a `keras.utils.PyDataset`."
-        )
-
-
-def _evaluate(model, data, batch_size):
-    """`model.evaluate` on `data` as `fit` reads `validation_data`: `(x, y)`
-    or `(x, y, sample_weight)`, or a dataset; a function is called for a
-    fresh one."""
-    if callable(data):
-        data = data()
-    kwargs = dict(batch_size=batch_size, verbose=0, return_dict=True)
-    if isinstance(data, (tuple, list)):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        logs = model.evaluate(x, y, sample_weight=sample_weight, **kwargs)
-    else:
-        logs = model.evaluate(data, **kwargs)
-    return {k: float(v) for k, v in logs.items()}
 
 
 def _pyplot():

@@ -261,8 +261,9 @@ def test_invalid_arguments_raise_a_value_error_that_says_what_was_expected(make,
 )
 def test_complements_are_computed_in_float64_on_every_backend():
     # Keras' `ops.minimum` / `ops.maximum` compute two float64 tensors in
-    # float32 on torch: Cosine's `pi * n / steps` and Dynamic's cap took
-    # its rounding.
+    # float32 on torch, and `ops.cast` of a Python number goes through
+    # float32 on TensorFlow: Cosine's and Dynamic's complements took their
+    # rounding.
     n = np.array([3, 96, 12345, 987654])
     rise = (np.cos(np.pi * np.minimum(n, 10**6) / 10**6) + 1.0) / 2.0
     cosine = schedules.Cosine(0.9, 0.999, steps=10**6)
