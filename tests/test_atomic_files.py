@@ -24,7 +24,7 @@ from keras_ema import AverageModelCheckpoint
 
 X, Y = regression_data(64)
 FORMATS = {"keras": "ema.keras", "weights": "ema.weights.h5"}
-KILLS = 20
+KILLS = 12
 
 
 @keras.saving.register_keras_serializable("test_atomic_files")

@@ -16,10 +16,10 @@ import pytest
 import keras_ema
 from keras_ema.__main__ import main
 
+from conftest import BACKEND
 from conftest import bits
 from conftest import regression_data
 from conftest import small_model
-from conftest import tensorflow_only
 
 X, Y = regression_data(64)
 X_VAL, Y_VAL = regression_data(32, seed=1)
@@ -425,7 +425,11 @@ def test_the_command_line_refuses_with_one_line_and_exit_code_2(
     assert sorted(os.listdir(tmp_path)) == ["bad.keras", "garbage.keras"]
 
 
-@tensorflow_only
+@pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="the command line in a process of its own, the same on every "
+    "backend (JAX: TensorFlow's run of the suite is the longest)",
+)
 def test_the_command_line_writes_a_plain_model_that_loads(files, tmp_path):
     paths, weights = files
     out = str(tmp_path / "soup.keras")
