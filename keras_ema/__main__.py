@@ -61,23 +61,26 @@ def main(argv=None):
         loading._export_file(args.training_file, args.plain_file,
                              sigma_rel=args.sigma_rel)
     except (ValueError, OSError) as error:
-        # One line: what went wrong and what to do instead.
-        message = " ".join(str(error).split())
-        print(f"{parser.prog} export: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(parser, "export", error)
     width = "" if args.sigma_rel is None else f" (sigma_rel={args.sigma_rel})"
     print(f"wrote {args.plain_file}: the averaged weights{width} of "
           f"{args.training_file} as a plain model")
     return 0
 
 
+def _fail(parser, command, error):
+    """One line on standard error: what went wrong and what to do instead;
+    the exit status 2."""
+    message = " ".join(str(error).split())
+    print(f"{parser.prog} {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _soup(parser, args):
     try:
         _write_soup_file(args.out, args.files, weights=args.weights)
     except (ValueError, OSError) as error:
-        message = " ".join(str(error).split())
-        print(f"{parser.prog} soup: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(parser, "soup", error)
     kind = "uniform" if args.weights is None else "weighted"
     print(f"wrote {args.out}: the {kind} soup of {len(args.files)} files as "
           "a plain model")

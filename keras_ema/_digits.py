@@ -75,6 +75,28 @@ def start(program):
     _startup.start_quietly()
 
 
+def sgd(learning_rate):
+    """The demos' optimizer: SGD with momentum 0.9 and `CLIPNORM`."""
+    return keras.optimizers.SGD(
+        learning_rate, momentum=0.9, global_clipnorm=CLIPNORM
+    )
+
+
+def add_run_arguments(parser, epochs, output_dir, output_help):
+    """The arguments of one training run of the post-hoc and comparison
+    demos: epochs, batch size, learning rate, seed, output folder."""
+    parser.add_argument("--epochs", type=positive_int, default=epochs,
+                        help="epochs to train")
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="samples per update")
+    parser.add_argument("--learning-rate", type=float, default=0.05,
+                        help="learning rate of SGD (momentum 0.9, "
+                             f"global_clipnorm {CLIPNORM:g})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the split, the weights and the shuffling")
+    parser.add_argument("--output-dir", default=output_dir, help=output_help)
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:

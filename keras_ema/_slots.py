@@ -171,7 +171,6 @@ def add_companion(state, average, variable, add_variable, saved=None):
             initializer=initializer,
             dtype=average.dtype,
             name=f"{_update.path(variable).replace('/', '_')}_bema",
-            layout=None,
         )
     state.companions[id(average)] = companion
     return companion

@@ -38,25 +38,16 @@ def update_averages(state, moved, entries=None, joins=None):
 def move_averages(state, entries, moved, step, joins=None):
     """Moves the averages of `entries` for real-update count `step`."""
     since_start = ops.subtract(step, state.start_step)
-    n = ops.maximum(ops.subtract(since_start, 1), 0)
-    complement = _decay_variables.complement_at(state, n)
     averaging = ops.logical_and(moved, ops.greater(since_start, 0))
     if state.update_every > 1:
         due = ops.equal(ops.mod(since_start, state.update_every), 0)
         averaging = ops.logical_and(averaging, due)
-    # Branch-free: a step that must not move uses factor 0, which leaves
-    # the average bit-exact, with no conditional per variable. With
-    # `update_every`, most steps have nothing to do: where the road can,
-    # it skips the work under one conditional.
-    factor = ops.multiply(ops.cast(averaging, "float32"), complement)
-    fn, args, busy = move, (factor,), averaging
+    copying, busy = None, averaging
     if state.start_step:
         copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
-        fn, args = move_or_copy, (factor, copying)
         busy = ops.logical_or(averaging, copying)
-    if state.compensated:
-        fn = move_compensated if fn is move else move_compensated_or_copy
-        entries = move_entries(state, entries)
+    # With `update_every`, most steps have nothing to do: where the road
+    # can, it skips the work under one conditional.
     when = busy if state.update_every > 1 else None
     if state.bias_corrected:
         # `t`: the real updates since averaging started; where nothing
@@ -64,8 +55,19 @@ def move_averages(state, entries, moved, step, joins=None):
         beta, alpha = _decay_variables.bias_correction_at(
             state, ops.maximum(since_start, 1)
         )
-        copying = ops.logical_and(moved, ops.less_equal(since_start, 0))
-        fn, args = bema.move, (beta, alpha, averaging, copying)
+        for_each(state, move_entries(state, entries), bema.move, beta, alpha,
+                 averaging, copying, when=when, joins=joins)
+        return
+    n = ops.maximum(ops.subtract(since_start, 1), 0)
+    complement = _decay_variables.complement_at(state, n)
+    # Branch-free: a step that must not move uses factor 0, which leaves
+    # the average bit-exact, with no conditional per variable.
+    factor = ops.multiply(ops.cast(averaging, "float32"), complement)
+    fn, args = move, (factor,)
+    if copying is not None:
+        fn, args = move_or_copy, (factor, copying)
+    if state.compensated:
+        fn = move_compensated if fn is move else move_compensated_or_copy
         entries = move_entries(state, entries)
     for_each(state, entries, fn, *args, when=when, joins=joins)
 

@@ -131,20 +131,23 @@ def move(average, weight, companion, beta, alpha, averaging, copying):
 
     Where `averaging`, the EMA moves `beta` of the way to the weight and
     the average becomes `ema + alpha * (weight - theta_0)`; where
-    `copying` (the first `start_step` updates), all three become the
-    weight; else nothing changes (branch-free selects: bit-exact).
+    `copying` (the first `start_step` updates; None without them), all
+    three become the weight; else nothing changes (branch-free selects:
+    bit-exact).
     """
     weight = ops.cast(weight, average.dtype)
     held = ops.convert_to_tensor(companion)
     ema, start = held[0], held[1]
     moved = ops.subtract(ema, ops.multiply(beta, ops.subtract(ema, weight)))
-    corrected = ops.add(moved, ops.multiply(alpha, ops.subtract(weight, start)))
-    new_ema = ops.where(copying, weight, ops.where(averaging, moved, ema))
-    new_start = ops.where(copying, weight, start)
-    new_average = ops.where(copying, weight, ops.where(
-        averaging, corrected, ops.convert_to_tensor(average)
-    ))
-    companion.assign(ops.stack([new_ema, new_start]))
+    lead = ops.multiply(alpha, ops.subtract(weight, start))
+    new_ema = ops.where(averaging, moved, ema)
+    new_average = ops.where(averaging, ops.add(moved, lead),
+                            ops.convert_to_tensor(average))
+    if copying is not None:
+        new_ema = ops.where(copying, weight, new_ema)
+        start = ops.where(copying, weight, start)
+        new_average = ops.where(copying, weight, new_average)
+    companion.assign(ops.stack([new_ema, start]))
     average.assign(new_average)
 
 

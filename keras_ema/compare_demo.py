@@ -63,9 +63,7 @@ def train_averages(directory, epochs, batch_size, learning_rate, seed,
         os.remove(stale)
     model = _digits.build_model()
     bema = keras_ema.ExponentialMovingAverage(
-        keras.optimizers.SGD(
-            learning_rate, momentum=0.9, global_clipnorm=_digits.CLIPNORM
-        ),
+        _digits.sgd(learning_rate),
         average_decay=keras_ema.schedules.BEMA(),
         name="BEMA",
     )
@@ -163,17 +161,8 @@ def _parser():
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_digits.positive_int, default=40,
-                        help="epochs to train")
-    parser.add_argument("--batch-size", type=_digits.positive_int, default=16,
-                        help="samples per update")
-    parser.add_argument("--learning-rate", type=float, default=0.05,
-                        help="learning rate of SGD (momentum 0.9, "
-                             f"global_clipnorm {_digits.CLIPNORM:g})")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the split, the weights and the shuffling")
-    parser.add_argument("--output-dir", default="keras_ema_compare_demo",
-                        help="folder for checkpoints/ and snapshots/")
+    _digits.add_run_arguments(parser, 40, "keras_ema_compare_demo",
+                              "folder for checkpoints/ and snapshots/")
     return parser
 
 

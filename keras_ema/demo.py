@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 import keras_ema
+from keras_ema import _digits
 from keras_ema._digits import CLIPNORM
 from keras_ema._digits import backend_name
 from keras_ema._digits import build_model
@@ -81,9 +82,7 @@ def train(
     (x_train, y_train), validation = load_digits(seed)
     model = build_model()
     optimizer = keras_ema.ExponentialMovingAverage(
-        keras.optimizers.SGD(
-            learning_rate, momentum=0.9, global_clipnorm=CLIPNORM
-        ),
+        _digits.sgd(learning_rate),
         average_decay=decay,
     )
     model.compile(

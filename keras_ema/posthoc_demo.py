@@ -73,9 +73,7 @@ def train(directory, epochs=40, batch_size=16, learning_rate=0.05, seed=0,
     model = _digits.build_model()
     model.compile(
         optimizer=keras_ema.PostHocEMA(
-            keras.optimizers.SGD(
-                learning_rate, momentum=0.9, global_clipnorm=_digits.CLIPNORM
-            ),
+            _digits.sgd(learning_rate),
             sigma_rels=TRACKED,
         ),
         loss="sparse_categorical_crossentropy",
@@ -140,18 +138,11 @@ def _parser():
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=_digits.positive_int, default=40,
-                        help="epochs to train")
-    parser.add_argument("--batch-size", type=_digits.positive_int, default=16,
-                        help="samples per update")
-    parser.add_argument("--learning-rate", type=float, default=0.05,
-                        help="learning rate of SGD (momentum 0.9, "
-                             f"global_clipnorm {_digits.CLIPNORM:g})")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds the split, the weights and the shuffling")
-    parser.add_argument("--output-dir", default="keras_ema_posthoc_demo",
-                        help="folder for snapshots/, posthoc_sweep.png and "
-                             "digits_posthoc_ema.keras")
+    _digits.add_run_arguments(
+        parser, 40, "keras_ema_posthoc_demo",
+        "folder for snapshots/, posthoc_sweep.png and "
+        "digits_posthoc_ema.keras",
+    )
     parser.add_argument("--quiet", action="store_true",
                         help="no line per epoch, only the table and the "
                              "conclusion")
